@@ -1,0 +1,76 @@
+"""Triton kernels for minillm.
+
+Every module in this package imports on any machine: where Triton is missing
+(macOS, Windows, a CPU-only container) the `@triton.jit` functions are defined
+but never launched, and each op's plain-PyTorch reference is used instead.
+
+Kernels are checked without a GPU in two ways (see README): numerically under
+``TRITON_INTERPRET=1`` and by compiling them for sm_80/sm_90 (``python -m kernels.report``).
+Each kernel module exposes ``compile_specs()``, a list of :class:`CompileSpec`
+describing its kernels at their default launch configuration, which the report compiles.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+try:  # Triton ships for Linux only; everything here must still import elsewhere.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised on machines without Triton
+    HAS_TRITON = False
+
+    class _NoTriton:
+        """Stands in for the `triton` module so kernel files still import."""
+
+        @staticmethod
+        def jit(fn=None, **kwargs):
+            return fn if fn is not None else (lambda f: f)
+
+        @staticmethod
+        def cdiv(a, b):
+            return -(-a // b)
+
+        @staticmethod
+        def next_power_of_2(n):
+            return 1 << (max(int(n), 1) - 1).bit_length()
+
+    triton = _NoTriton()
+
+    class _NoTL:
+        constexpr = Any
+
+    tl = _NoTL()
+
+# The interpreter runs kernels on the CPU through numpy; tests use it when no GPU is present.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_usable(*tensors) -> bool:
+    """True when the Triton kernels can run on these tensors (CUDA, or the interpreter)."""
+    if not HAS_TRITON:
+        return False
+    if INTERPRET:
+        return True
+    return all(t.is_cuda for t in tensors)
+
+
+@dataclass
+class CompileSpec:
+    """One kernel at one launch configuration, for the ahead-of-time compile report.
+
+    `signature` maps every non-constexpr argument name to a Triton type string
+    ("*fp16", "*fp32", "i32", "fp32", ...); `constexprs` maps constexpr argument
+    names to values. `min_arch` skips targets the kernel is not meant for.
+    """
+
+    name: str
+    fn: Callable
+    signature: dict[str, str]
+    constexprs: dict[str, Any] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
+    min_arch: int = 80
