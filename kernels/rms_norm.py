@@ -1,0 +1,197 @@
+"""RMSNorm: y = x / sqrt(mean(x^2) + eps) * weight (+ bias), over the last dimension.
+
+The same shape as `layer_norm.py` without the mean: one program per row in the forward,
+which keeps 1/rms (float32) per row; in the backward a fixed number of programs each walk
+a slab of rows, write dx, and keep running dweight/dbias sums that a `sum(0)` over a few
+float32 partial rows finishes. Statistics are float32 whatever the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels import CompileSpec, tl, triton, triton_usable
+
+MAX_FUSED_SIZE = 65536  # a whole row must fit in one program's registers
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X, Y, W, B, Rstd,
+    stride_x, stride_y, N, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+    y = x * rstd
+    if HAS_WEIGHT:
+        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Rstd + row, rstd)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY, X, W, Rstd, DX, DW_partial, DB_partial,
+    stride_dy, stride_x, stride_dx, M, N, rows_per_program,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        w = tl.where(mask, 1.0, 0.0)
+    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    # Pointers step one row at a time; 64-bit offsets so M * N may exceed 2**31.
+    start = row_start.to(tl.int64)
+    x_ptr = X + start * stride_x
+    dy_ptr = DY + start * stride_dy
+    dx_ptr = DX + start * stride_dx
+    for row in range(row_start, row_end):
+        x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(Rstd + row)
+        xhat = x * rstd
+        wdy = w * dy
+        # dx = rstd * (wdy - xhat * mean(wdy * xhat))
+        c = tl.sum(xhat * wdy, axis=0) / N
+        dx = (wdy - xhat * c) * rstd
+        tl.store(dx_ptr + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        dw += dy * xhat
+        db += dy
+        x_ptr += stride_x
+        dy_ptr += stride_dy
+        dx_ptr += stride_dx
+    if HAS_WEIGHT:
+        tl.store(DW_partial + pid * N + cols, dw, mask=mask)
+    if HAS_BIAS:
+        tl.store(DB_partial + pid * N + cols, db, mask=mask)
+
+
+def _launch_config(n: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) for a row of n elements: about 8 elements per thread."""
+    block = triton.next_power_of_2(n)
+    return block, min(max(block // 256, 4), 16)
+
+
+def _num_partials(x: torch.Tensor, m: int) -> int:
+    """How many programs share the dweight/dbias reduction: two per SM on a GPU."""
+    if x.is_cuda:
+        return max(1, min(m, torch.cuda.get_device_properties(x.device).multi_processor_count * 2))
+    return max(1, min(m, 4))
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        shape = x.shape
+        n = shape[-1]
+        x2 = x.reshape(-1, n)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        m = x2.shape[0]
+        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+        block, warps = _launch_config(n)
+        _rms_norm_fwd_kernel[(m,)](
+            x2, y, weight if weight is not None else x2, bias if bias is not None else x2, rstd,
+            x2.stride(0), y.stride(0), n, eps,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_N=block, num_warps=warps,
+        )
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        m, n = x2.shape
+        dy2 = dy.reshape(-1, n)
+        if dy2.stride(-1) != 1:
+            dy2 = dy2.contiguous()
+        dx = torch.empty_like(x2)
+        has_weight = weight is not None
+        rows_per_program = triton.cdiv(m, _num_partials(x2, m))
+        groups = triton.cdiv(m, rows_per_program)
+        dw_partial = torch.empty((groups, n), dtype=torch.float32, device=x2.device) if has_weight else None
+        db_partial = torch.empty((groups, n), dtype=torch.float32, device=x2.device) if ctx.has_bias else None
+        block, warps = _launch_config(n)
+        _rms_norm_bwd_kernel[(groups,)](
+            dy2, x2, weight if has_weight else x2, rstd, dx,
+            dw_partial if has_weight else rstd, db_partial if ctx.has_bias else rstd,
+            dy2.stride(0), x2.stride(0), dx.stride(0), m, n, rows_per_program,
+            HAS_WEIGHT=has_weight, HAS_BIAS=ctx.has_bias, BLOCK_N=block, num_warps=warps,
+        )
+        dw = dw_partial.sum(0).to(weight.dtype) if has_weight else None
+        db = db_partial.sum(0).to(ctx.bias_dtype) if ctx.has_bias else None
+        return dx.view(dy.shape), dw, db, None
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * weight (+ bias), in float32, cast back to x's dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def _check(x, weight, bias):
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"rms_norm: x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    n = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (n,):
+            raise ValueError(f"rms_norm: {name} must have shape ({n},) to match x's last dimension, "
+                             f"got {tuple(t.shape)}")
+        if t is not None and t.device != x.device:
+            raise ValueError(f"rms_norm: {name} is on {t.device} but x is on {x.device}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm over the last dimension. x: (..., N); weight, bias: (N,) or None.
+
+    Runs the Triton kernels where they can run (CUDA, or the interpreter) and the float32
+    PyTorch reference otherwise.
+    """
+    _check(x, weight, bias)
+    tensors = [t for t in (x, weight, bias) if t is not None]
+    if not triton_usable(*tensors) or x.shape[-1] > MAX_FUSED_SIZE or x.numel() == 0:
+        return rms_norm_reference(x, weight, eps, bias)
+    return _RMSNormFunction.apply(
+        x, weight.contiguous() if weight is not None else None,
+        bias.contiguous() if bias is not None else None, float(eps))
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Forward and backward at GPT-2 (768) and Llama-7B (4096) widths, in bf16 and fp16."""
+    specs = []
+    for n, dtype in ((768, "bf16"), (4096, "bf16"), (4096, "fp16")):
+        block, warps = _launch_config(n)
+        c = {"HAS_WEIGHT": True, "HAS_BIAS": False, "BLOCK_N": block}
+        specs.append(CompileSpec(
+            f"rms_norm_fwd[N={n},{dtype}]", _rms_norm_fwd_kernel,
+            {"X": f"*{dtype}", "Y": f"*{dtype}", "W": f"*{dtype}", "B": f"*{dtype}", "Rstd": "*fp32",
+             "stride_x": "i32", "stride_y": "i32", "N": "i32", "eps": "fp32"},
+            c, num_warps=warps))
+        specs.append(CompileSpec(
+            f"rms_norm_bwd[N={n},{dtype}]", _rms_norm_bwd_kernel,
+            {"DY": f"*{dtype}", "X": f"*{dtype}", "W": f"*{dtype}", "Rstd": "*fp32", "DX": f"*{dtype}",
+             "DW_partial": "*fp32", "DB_partial": "*fp32", "stride_dy": "i32", "stride_x": "i32",
+             "stride_dx": "i32", "M": "i32", "N": "i32", "rows_per_program": "i32"},
+            c, num_warps=warps))
+    return specs
