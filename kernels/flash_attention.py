@@ -31,6 +31,7 @@ Shapes throughout: q (B, H, Tq, D); k, v (B, Hkv, Tk, D); lse (B, H, Tq).
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -704,7 +705,7 @@ def _signature(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, str]
     """Triton signature of `fn`: pointer types given, every other runtime argument an i32
     (strides, sizes) except the fp32 scales; constexprs marked as such."""
     sig = {}
-    for name in fn.arg_names:
+    for name in inspect.signature(getattr(fn, "fn", fn)).parameters:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name in pointers:

@@ -1,0 +1,125 @@
+"""Peak CPU memory of the language-model head + loss, plain vs chunked (fused linear + CE).
+
+    python -m benchmarks.ce_memory                      # GPT-2 small: 8,192 tokens, C=768, V=50257
+    python -m benchmarks.ce_memory --tokens 2048        # smaller, faster
+
+One training step's final layer and loss, forward and backward, in float32: hidden
+(tokens, 768) requiring grad, the tied weight (50257, 768) requiring grad, random targets
+with a few ignored. The plain path is `F.cross_entropy(F.linear(hidden, weight).float(), t)`;
+the chunked path is `kernels.fused_linear_cross_entropy` (plain PyTorch on the CPU).
+
+Method: each variant runs in a fresh Python process so that neither sees the other's
+allocator state. The process allocates its inputs, reads its peak resident set size
+(`resource.getrusage(RUSAGE_SELF).ru_maxrss`, a high-water mark) as the baseline, runs
+forward + backward once, and reads it again; the difference is the step's extra peak memory
+(what the step needs beyond its inputs and the torch runtime). The loss and gradients of both
+runs are saved and compared here: they must agree to 1e-5 in float32.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+
+VARIANTS = ("plain", "chunked")
+
+
+def _maxrss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
+
+
+def _child(args) -> None:
+    """Run one variant once and print its measurements as JSON on the last line."""
+    import torch
+    import torch.nn.functional as F
+
+    from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(args.tokens, args.hidden, generator=g).requires_grad_()
+    weight = (torch.randn(args.vocab, args.hidden, generator=g) * 0.02).requires_grad_()
+    targets = torch.randint(0, args.vocab, (args.tokens,), generator=g)
+    targets[:: 97] = -100  # a few padding positions, as in a real batch
+    base = _maxrss_bytes()
+
+    if args.variant == "plain":
+        loss = F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=-100)
+    else:
+        loss = fused_linear_cross_entropy(hidden, weight, targets, ignore_index=-100, chunk_size=args.chunk_size)
+    loss.backward()
+    peak = _maxrss_bytes()
+
+    torch.save({"loss": loss.detach(), "grad_hidden": hidden.grad, "grad_weight": weight.grad}, args.save)
+    print(json.dumps({"variant": args.variant, "base": base, "peak": peak, "extra": peak - base,
+                      "loss": loss.item()}))
+
+
+def _run_variant(args, variant: str, save: str) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.ce_memory", "--child", "--variant", variant, "--save", save,
+           "--tokens", str(args.tokens), "--hidden", str(args.hidden), "--vocab", str(args.vocab),
+           "--threads", str(args.threads)]
+    if args.chunk_size:
+        cmd += ["--chunk-size", str(args.chunk_size)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--vocab", type=int, default=50257)
+    p.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: automatic)")
+    p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 8))
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--save", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        _child(args)
+        return 0
+
+    import torch
+
+    from kernels.fused_linear_cross_entropy import default_chunk_size
+
+    chunk = args.chunk_size or default_chunk_size(args.tokens, args.vocab)
+    print(f"LM head + cross-entropy, one forward+backward on the CPU, float32: tokens={args.tokens}, "
+          f"hidden={args.hidden}, vocab={args.vocab}, chunk={chunk} tokens, threads={args.threads}")
+    print("peak = rise in the process's max RSS over its inputs (fresh process per variant)")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in VARIANTS:
+            results[variant] = _run_variant(args, variant, os.path.join(tmp, f"{variant}.pt"))
+        a = torch.load(os.path.join(tmp, "plain.pt"), weights_only=True)
+        b = torch.load(os.path.join(tmp, "chunked.pt"), weights_only=True)
+    diffs = {k: (a[k] - b[k]).abs().max().item() for k in ("loss", "grad_hidden", "grad_weight")}
+
+    mib = 2**20
+    plain, chunked = results["plain"]["extra"], results["chunked"]["extra"]
+    reduction = 100.0 * (1 - chunked / plain)
+    print(f"{'variant':<10}{'peak MiB':>12}{'loss':>14}")
+    for v in VARIANTS:
+        print(f"{v:<10}{results[v]['extra'] / mib:>12.1f}{results[v]['loss']:>14.6f}")
+    print(f"peak memory reduction: {reduction:.1f}% (target: at least 50%)")
+    print(f"max |plain - chunked|: loss {diffs['loss']:.2e}, grad_hidden {diffs['grad_hidden']:.2e}, "
+          f"grad_weight {diffs['grad_weight']:.2e} (tolerance 1e-5)")
+    ok = reduction >= 50.0 and max(diffs.values()) <= 1e-5
+    print("PASS" if ok else "FAIL")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": vars(args) | {"chunk_size": chunk}, "results": results, "max_abs_diff": diffs,
+                       "reduction_percent": reduction}, f, indent=2)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
