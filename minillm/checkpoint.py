@@ -1,0 +1,230 @@
+"""Checkpoints: a folder of safetensors and JSON, written atomically, read without unpickling.
+
+    <out>/checkpoint/
+        model.safetensors      weights
+        config.json            {"model": ModelConfig fields, "train": the run's settings, ...}
+        char_tokenizer.json | tokenizer.json
+        optimizer.safetensors  optimizer moments, flattened ("state.<i>.<name>")
+        trainer_state.json     step, schedule, data position, RNG states, param-group settings
+
+A save writes everything into a temporary sibling folder, fsyncs every file, then swaps it in
+with renames: a crash at any moment leaves either the old checkpoint or the new one, complete.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Optional
+
+import torch
+
+from .config import ModelConfig
+
+CKPT = "checkpoint"
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save_tensors(tensors: dict, path: str, metadata: Optional[dict] = None) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata=metadata)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without duplicate storage: tied weights are saved once (the embedding)."""
+    sd = model.state_dict()
+    seen, out = {}, {}
+    for k, v in sd.items():
+        key = (v.data_ptr(), v.shape, v.stride()) if v.numel() else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen[key] = k
+        out[k] = v
+    return out
+
+
+def rng_to_json(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode("ascii")
+
+
+def rng_from_json(s: str) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
+
+
+def optimizer_to_tensors(opt: torch.optim.Optimizer):
+    """(tensors, json-able param groups and scalar state)."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{pid}.{name}"] = v
+            else:
+                scalars[f"{pid}.{name}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for key, v in tensors.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = v
+    for key, v in meta.get("scalars", {}).items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(out_dir: str, model, config: ModelConfig, tokenizer=None, optimizer=None,
+                    trainer_state: Optional[dict] = None, extra_config: Optional[dict] = None,
+                    name: str = CKPT, tensors: Optional[dict] = None) -> str:
+    """Write <out_dir>/<name>/ atomically. `tensors` replaces the model's weights (e.g. LoRA
+    adapters only). Returns the checkpoint path."""
+    os.makedirs(out_dir, exist_ok=True)
+    final = os.path.join(out_dir, name)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir)
+    try:
+        _save_tensors(tensors if tensors is not None else model_tensors(model), os.path.join(tmp, "model.safetensors"),
+                      metadata={"format": "pt"})
+        _write_json(os.path.join(tmp, "config.json"), {"model": config.to_dict(), **(extra_config or {})})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if optimizer is not None:
+            opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
+            _save_tensors(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
+            trainer_state = {**(trainer_state or {}), "optimizer": opt_meta}
+        if trainer_state is not None:
+            _write_json(os.path.join(tmp, "trainer_state.json"), trainer_state)
+        _fsync_dir(tmp)
+        # Swap: the old checkpoint becomes <name>.old until the new one is in place.
+        old = final + ".old"
+        if os.path.exists(final):
+            if os.path.exists(old):
+                shutil.rmtree(old)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(out_dir)
+        if os.path.exists(old):
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def find_checkpoint(path: str, name: str = CKPT) -> Optional[str]:
+    """The checkpoint folder for `path`: the folder itself if it holds one, else <path>/<name>,
+    or the previous one (<name>.old) left by a crash between the two renames of a save."""
+    if os.path.exists(os.path.join(path, "model.safetensors")) and os.path.exists(os.path.join(path, "config.json")):
+        return path
+    for cand in (os.path.join(path, name), os.path.join(path, name + ".old")):
+        if os.path.exists(os.path.join(cand, "model.safetensors")):
+            return cand
+    return None
+
+
+def read_config(ckpt: str) -> dict:
+    path = os.path.join(ckpt, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        raise ValueError(f"{path}: not a minillm checkpoint config (no 'model' section)")
+    return cfg
+
+
+def read_tensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def load_weights(model: torch.nn.Module, tensors: dict, source: str, strict: bool = True) -> None:
+    """Copy tensors into the model, naming anything missing, unexpected or mis-shaped."""
+    own = model.state_dict()
+    tied = {k for k in own if k not in tensors and k in _tied_names(model)}
+    missing = [k for k in own if k not in tensors and k not in tied]
+    unexpected = [k for k in tensors if k not in own]
+    shapes = [f"{k} {tuple(v.shape)} (expected {tuple(own[k].shape)})" for k, v in tensors.items()
+              if k in own and v.shape != own[k].shape]
+    problems = []
+    if missing and strict:
+        problems.append(f"missing {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
+    if shapes:
+        problems.append(f"mis-shaped {', '.join(shapes[:5])}" + (" ..." if len(shapes) > 5 else ""))
+    if problems:
+        raise ValueError(f"{source}: weights do not fit the model: " + "; ".join(problems))
+    model.load_state_dict(tensors, strict=False)
+
+
+def _tied_names(model) -> set:
+    """Names of parameters that share storage with an earlier one (saved once)."""
+    seen, tied = set(), set()
+    for k, v in model.state_dict(keep_vars=False).items():
+        key = (v.data_ptr(), v.shape, v.stride()) if v.numel() else None
+        if key in seen:
+            tied.add(k)
+        elif key is not None:
+            seen.add(key)
+    return tied
+
+
+def load_model(path: str, **overrides):
+    """(model, tokenizer or None, full config dict) from a minillm checkpoint folder."""
+    from . import build_model
+    from .tokenizer import load_tokenizer
+
+    ckpt = find_checkpoint(path)
+    if ckpt is None:
+        raise ValueError(f"{path}: no minillm checkpoint here (expected model.safetensors and config.json)")
+    cfg = read_config(ckpt)
+    config = ModelConfig.from_dict(cfg["model"])
+    if overrides:
+        config = config.replace(**overrides)
+    model = build_model(config)
+    load_weights(model, read_tensors(os.path.join(ckpt, "model.safetensors")), ckpt)
+    tokenizer = None
+    try:
+        tokenizer = load_tokenizer(ckpt)
+    except ValueError:
+        tokenizer = None
+    return model, tokenizer, cfg
