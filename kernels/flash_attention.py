@@ -718,17 +718,21 @@ def _signature(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, str]
 
 
 def compile_specs(arch: int = 90) -> list[CompileSpec]:
-    """Every kernel at its default launch configuration on `arch` (80 or 90), for head dims 64
-    and 128 (and 80, which is padded to 128) in float16 and bfloat16, causal masking on (the
-    masked code path is a superset of the unmasked one)."""
+    """Every kernel at its default launch configuration on `arch` (80 or 90; the report asks for
+    each target), for head dims 64 and 128 in float16 and bfloat16. Causal masking and kv_lens
+    are on: the masked code paths contain the unmasked ones."""
+    return _compile_specs(arch, head_dims=(64, 128), dtypes=(torch.float16, torch.bfloat16))
+
+
+def _compile_specs(arch: int, head_dims, dtypes) -> list[CompileSpec]:
     specs = []
-    for dtype in (torch.float16, torch.bfloat16):
+    for dtype in dtypes:
         ptr = _PTR[dtype]
-        tag = "fp16" if dtype == torch.float16 else "bf16"
-        for head_dim in (64, 80, 128):
+        tag = ptr[1:]
+        for head_dim in head_dims:
             cfgs = launch_configs(head_dim, arch)
             common = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), UPCAST=False,
-                          PRECISION="tf32", GROUP=1, CAUSAL=True, HAS_KV_LENS=True)
+                          PRECISION="ieee" if dtype == torch.float32 else "tf32", GROUP=1, CAUSAL=True, HAS_KV_LENS=True)
             for key, fn, pointers in (
                 ("fwd", _attn_fwd, dict(Q=ptr, K=ptr, V=ptr, O=ptr, LSE="*fp32", KV_LENS="*i32")),
                 ("dkdv", _attn_bwd_dkdv, dict(Q=ptr, K=ptr, V=ptr, DO=ptr, LSE="*fp32", DELTA="*fp32",

@@ -9,7 +9,9 @@ Each module of the `kernels` package that defines `compile_specs()` is compiled 
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`; the cubin is then read
 with the `cuobjdump` and `nvdisasm` that ship inside the Triton wheel:
 
-- registers per thread and LOCAL (bytes of local memory per thread; non-zero means spills),
+- registers per thread, and spills: LOCAL + STACK bytes per thread (ptxas puts spilled
+  registers in the stack frame, so LOCAL alone reads 0 for a spilling kernel) and the number
+  of STL/LDL (local store/load) instructions in the SASS,
 - shared memory per block: static (from the cubin) plus the dynamic amount Triton launches
   the kernel with (`metadata.shared`), against the target's per-block limit,
 - tensor-core instructions in the SASS: HMMA on sm_80, HGMMA (wgmma) on sm_90. Kernels whose
@@ -56,7 +58,8 @@ class ReportRow:
     num_warps: int
     num_stages: int
     registers: int
-    spill_bytes: int  # LOCAL: local memory per thread; non-zero means register spills
+    spill_bytes: int  # LOCAL + STACK bytes per thread: where ptxas puts spilled registers
+    spill_ops: int  # STL/LDL instructions in the SASS
     shared_static: int
     shared_dynamic: int
     shared_bytes: int  # static + dynamic: what one block occupies
@@ -67,7 +70,7 @@ class ReportRow:
 
     @property
     def ok(self) -> bool:
-        return (not self.error and self.spill_bytes == 0 and self.shared_bytes <= self.shared_limit
+        return (not self.error and self.spill_bytes == 0 and self.spill_ops == 0 and self.shared_bytes <= self.shared_limit
                 and (self.tensor_core_ops > 0 or not self.uses_dot))
 
 
@@ -179,13 +182,15 @@ def analyse(module_name: str, spec: CompileSpec, arch: int) -> ReportRow:
             usage = _resource_usage(path)
             sass = _sass(path)
     except Exception as e:  # a kernel that does not compile is a finding, not a crash
-        return ReportRow(**row, registers=-1, spill_bytes=-1, shared_static=-1, shared_dynamic=-1,
+        return ReportRow(**row, registers=-1, spill_bytes=-1, spill_ops=-1, shared_static=-1, shared_dynamic=-1,
                          shared_bytes=-1, tensor_core_ops=0,
                          error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
     op = TENSOR_CORE_OP[arch]
     mma = len(re.findall(rf"\b{op}\.", sass))
     dynamic = int(compiled.metadata.shared)
-    return ReportRow(**row, registers=usage["REG"], spill_bytes=usage["LOCAL"],
+    spill_ops = len(re.findall(r"\b(?:STL|LDL)(?:\.|\s)", sass))
+    return ReportRow(**row, registers=usage["REG"], spill_bytes=usage["LOCAL"] + usage["STACK"],
+                     spill_ops=spill_ops,
                      shared_static=usage["SHARED"], shared_dynamic=dynamic,
                      shared_bytes=usage["SHARED"] + dynamic, tensor_core_ops=mma)
 
@@ -244,7 +249,7 @@ def build_report(archs=TARGETS, only=None, jobs: int | None = None) -> list[Repo
 
 
 def format_table(rows: list[ReportRow]) -> str:
-    header = ["kernel", "sm", "warps", "stages", "regs", "spill B", "smem B", "smem limit",
+    header = ["kernel", "sm", "warps", "stages", "regs", "spill B", "STL/LDL", "smem B", "smem limit",
               "tensor cores", "ok"]
     lines = []
     for r in rows:
@@ -255,7 +260,7 @@ def format_table(rows: list[ReportRow]) -> str:
         else:
             tc = "none (no tl.dot)" if not r.uses_dot else "NONE"
         lines.append([r.kernel, f"{r.arch}", f"{r.num_warps}", f"{r.num_stages}", f"{r.registers}",
-                      f"{r.spill_bytes}", f"{r.shared_bytes:,}", f"{r.shared_limit:,}", tc,
+                      f"{r.spill_bytes}", f"{r.spill_ops}", f"{r.shared_bytes:,}", f"{r.shared_limit:,}", tc,
                       "yes" if r.ok else f"NO {r.error}".strip()])
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
               for i, h in enumerate(header)]

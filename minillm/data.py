@@ -147,7 +147,7 @@ class Batches:
     def causal_lm(self, global_batch: int):
         """x, y: (B, T) with y the next token after each x."""
         w = self.windows(self.offsets(global_batch), self.block_size + 1)
-        return w[:, :-1], w[:, 1:]
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
     def state(self) -> torch.Tensor:
         return self.gen.get_state()

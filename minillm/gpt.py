@@ -148,7 +148,7 @@ class GPT(Transformer):
             loss = lm_loss(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1), chunked=True)
             return None, loss
         logits = self.lm_head(h)
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-100)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
     def classify(self, idx, attention_mask=None, labels=None):

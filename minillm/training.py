@@ -48,6 +48,7 @@ class TrainSettings:
     ckpt_interval: int = 0  # 0: only at the end (and at each eval when resumable)
     seed: int = 1337
     max_skips: int = 10  # non-finite steps tolerated before the run stops
+    stop_at_step: Optional[int] = None  # checkpoint and stop here, schedule unfinished (resume later)
     # time_budget counts seconds spent in training steps; evaluation, checkpoints and the
     # one-time compile of the first step are reported separately (summary.json)
     progress: bool = True
@@ -288,6 +289,8 @@ class Trainer:
         return p
 
     def done(self) -> bool:
+        if self.s.stop_at_step is not None and self.step >= self.s.stop_at_step:
+            return True
         return self.step >= self.s.max_steps or bool(self.s.time_budget and self.elapsed >= self.s.time_budget)
 
     def train_step(self) -> tuple[float, int]:
