@@ -450,20 +450,21 @@ def launch_configs(head_dim: int, arch: int | None) -> dict[str, LaunchConfig]:
             "dq": LaunchConfig(32, 16, 4, 1),
         }
     d = _block_d(head_dim)
+    C = LaunchConfig
     if arch >= 90:
         if d <= 64:
-            fwd, dkdv, dq = LaunchConfig(128, 64, 4, 3), LaunchConfig(32, 128, 4, 3), LaunchConfig(128, 32, 4, 3)
+            fwd, dkdv, dq = C(128, 64, 4, 3), C(32, 128, 8, 3), C(128, 32, 4, 3)
         elif d <= 128:
-            fwd, dkdv, dq = LaunchConfig(128, 64, 8, 3), LaunchConfig(32, 128, 8, 2), LaunchConfig(128, 32, 8, 2)
-        else:
-            fwd, dkdv, dq = LaunchConfig(64, 32, 4, 2), LaunchConfig(16, 64, 4, 2), LaunchConfig(64, 16, 4, 2)
+            fwd, dkdv, dq = C(128, 64, 8, 3), C(32, 128, 8, 2), C(128, 32, 8, 2)
+        else:  # 256: 128-wide key tiles do not fit the registers of the dK/dV kernel
+            fwd, dkdv, dq = C(128, 32, 8, 2), C(16, 32, 4, 2), C(128, 32, 8, 2)
     else:
         if d <= 64:
-            fwd, dkdv, dq = LaunchConfig(128, 64, 4, 3), LaunchConfig(32, 128, 4, 3), LaunchConfig(128, 32, 4, 3)
+            fwd, dkdv, dq = C(128, 64, 4, 3), C(32, 128, 4, 3), C(128, 32, 4, 3)
         elif d <= 128:
-            fwd, dkdv, dq = LaunchConfig(128, 32, 8, 3), LaunchConfig(32, 64, 4, 2), LaunchConfig(64, 32, 4, 2)
+            fwd, dkdv, dq = C(128, 32, 8, 3), C(32, 64, 4, 2), C(64, 32, 4, 2)
         else:
-            fwd, dkdv, dq = LaunchConfig(64, 32, 4, 2), LaunchConfig(16, 64, 4, 2), LaunchConfig(64, 16, 4, 2)
+            fwd, dkdv, dq = C(64, 32, 8, 2), C(16, 64, 8, 2), C(32, 32, 4, 2)
     return {"fwd": fwd, "preprocess": LaunchConfig(128, 0, 4, 1), "dkdv": dkdv, "dq": dq}
 
 

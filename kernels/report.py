@@ -37,7 +37,8 @@ import re
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
 import kernels
@@ -198,6 +199,10 @@ def analyse(module_name: str, spec: CompileSpec, arch: int) -> ReportRow:
 _CACHE: dict[tuple, list[ReportRow]] = {}
 
 
+def _analyse_job(module_name: str, index: int, arch: int) -> ReportRow:
+    return analyse(module_name, specs_for(module_name, arch)[index], arch)
+
+
 def _report_in_subprocess(archs, only) -> list[ReportRow]:
     """Under TRITON_INTERPRET=1 the kernels are interpreter objects that cannot be compiled, so
     the report runs in a fresh interpreter with the real JIT."""
@@ -218,7 +223,7 @@ def build_report(archs=TARGETS, only=None, jobs: int | None = None) -> list[Repo
     """Compile every kernel spec for each target and return one row per (spec, target).
 
     `only`: module names (e.g. ["flash_attention"]) to restrict to. Results are cached per
-    process. Compilations run in a few threads (ptxas is a separate process).
+    process. Compilations run in parallel worker processes (`jobs`, default one per core).
     """
     archs = tuple(archs)
     only = tuple(only) if only else ()
@@ -230,15 +235,19 @@ def build_report(archs=TARGETS, only=None, jobs: int | None = None) -> list[Repo
     if kernels.INTERPRET:
         rows = _report_in_subprocess(archs, only)
     else:
-        jobs_list = []
-        for module_name in kernel_modules():
-            if only and module_name.split(".")[-1] not in only:
-                continue
-            for arch in archs:
-                for spec in specs_for(module_name, arch):
-                    jobs_list.append((module_name, spec, arch))
-        with ThreadPoolExecutor(max_workers=jobs or min(4, os.cpu_count() or 1)) as pool:
-            rows = list(pool.map(lambda j: analyse(*j), jobs_list))
+        jobs_list = [(module_name, i, arch)
+                     for module_name in kernel_modules()
+                     if not only or module_name.split(".")[-1] in only
+                     for arch in archs
+                     for i in range(len(specs_for(module_name, arch)))]
+        workers = jobs or min(8, os.cpu_count() or 1)
+        if workers == 1 or len(jobs_list) <= 1:
+            rows = [_analyse_job(*j) for j in jobs_list]
+        else:
+            # Processes, not threads: most of a compile holds the GIL.
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                rows = list(pool.map(_analyse_job, *zip(*jobs_list)))
     _CACHE[key] = rows
     return rows
 

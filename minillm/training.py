@@ -100,8 +100,9 @@ def autocast(device: torch.device, dtype: str):
 def measure_matmul_peak(device: torch.device, dtype: str, n: int = 1024, reps: int = 10) -> float:
     """FLOP/s of an n x n matmul in this dtype on this device: the denominator of MFU."""
     dt = DTYPES[dtype]
-    a = torch.randn(n, n, device=device).to(dt)
-    b = torch.randn(n, n, device=device).to(dt)
+    g = torch.Generator().manual_seed(0)  # leaves the global RNG (dropout, init) untouched
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dt)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dt)
     for _ in range(2):
         a @ b
     if device.type == "cuda":
@@ -317,11 +318,11 @@ class Trainer:
         else:
             gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else torch.tensor(0.0)
         mean_loss = total / s.grad_accum
-        finite = math.isfinite(mean_loss) and bool(torch.isfinite(gnorm))
-        if self.world > 1:  # every rank must take the same decision
-            flag = torch.tensor([1.0 if finite else 0.0], device=self.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            finite = bool(flag.item() > 0)
+        if self.world > 1:  # the global batch's loss; the same number (and decision) on every rank
+            t = torch.tensor([mean_loss], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(t)
+            mean_loss = t.item() / self.world
+        finite = math.isfinite(mean_loss) and bool(torch.isfinite(gnorm))  # gradients are already synced
         if finite or self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # the fp16 scaler skips non-finite steps itself
             self.scaler.update()

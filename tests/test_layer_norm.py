@@ -96,7 +96,7 @@ def test_reference_matches_torch_in_float32():
     assert torch.equal(layer_norm_reference(x, w, b), expected)
 
 
-@pytest.mark.parametrize("w_shape, b_shape, match", [((9,), (10,), "bias"), ((10, 1), None, "weight")])
+@pytest.mark.parametrize("w_shape, b_shape, match", [((10,), (9,), "bias"), ((10, 1), None, "weight")])
 def test_shape_errors(w_shape, b_shape, match):
     x = torch.randn(3, 10)
     w = torch.randn(w_shape)

@@ -1,0 +1,169 @@
+"""Fused softmax cross-entropy against F.cross_entropy (interpreter on CPU-only machines).
+
+Tolerances. The loss is computed in float32 from the same logits the float32 reference sees
+(bf16/fp16 logits are exact in float32), so it must match to atol 1e-5 + rtol 1e-5 in every
+dtype. dlogits are stored in the logits' dtype: their error against the float32 reference
+must be within twice the error of torch's own fp16/bf16 cross-entropy gradient plus
+atol + rtol * max|reference|, with (atol, rtol) = (1e-6, 1e-5) for float32, (1e-4, 1e-3) for
+float16 and (1e-3, 8e-3) for bfloat16 (about one unit in the last place: the interpreter
+truncates float32 -> bf16 where a GPU rounds).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import kernels.cross_entropy as ce
+from kernels.cross_entropy import cross_entropy, cross_entropy_reference, loss_and_dlogits
+
+GRAD_TOL = {torch.float32: (1e-6, 1e-5), torch.float16: (1e-4, 1e-3), torch.bfloat16: (1e-3, 8e-3)}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make(n, v, dtype, ignore_frac=0.25, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, v, generator=g) * scale).to(dtype)
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[torch.rand(n, generator=g) < ignore_frac] = -100
+    return logits, targets
+
+
+def loss_and_grad(fn, logits, targets, upstream=None, **kw):
+    x = logits.detach().clone().requires_grad_()
+    loss = fn(x, targets, **kw)
+    loss.backward(upstream if upstream is not None else torch.ones_like(loss))
+    return loss.detach(), x.grad
+
+
+def check(logits, targets, label_smoothing=0.0, reduction="mean", ignore_index=-100):
+    dtype = logits.dtype
+    kw = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction)
+    upstream = torch.randn(logits.shape[0]) if reduction == "none" else torch.tensor(1.7)
+    loss, grad = loss_and_grad(cross_entropy, logits, targets, upstream, **kw)
+    ref_loss, ref_grad = loss_and_grad(F.cross_entropy, logits.float(), targets, upstream, **kw)
+    _, lowp_grad = loss_and_grad(F.cross_entropy, logits, targets, upstream.to(dtype), **kw)
+
+    assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5, equal_nan=True)
+    assert grad.dtype == dtype
+    atol, rtol = GRAD_TOL[dtype]
+    err = (grad.float() - ref_grad).abs().max().item()
+    torch_err = (lowp_grad.float() - ref_grad).abs().max().item()
+    bound = 2 * torch_err + atol + rtol * ref_grad.abs().max().item()
+    assert err <= bound, f"dlogits ({dtype}): error {err:.3g} > bound {bound:.3g} (torch's own {torch_err:.3g})"
+
+
+@given(
+    n=st.integers(1, 9),
+    v=st.one_of(st.integers(2, 300), st.sampled_from([1000, 8193, 20000])),
+    dtype=st.sampled_from(DTYPES),
+    label_smoothing=st.sampled_from([0.0, 0.1]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_reference(n, v, dtype, label_smoothing, reduction, seed):
+    logits, targets = make(n, v, dtype, seed=seed)
+    check(logits, targets, label_smoothing, reduction)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpt2_vocab(dtype):
+    """V = 50257: six full 8192-wide blocks and a ragged seventh."""
+    logits, targets = make(3, 50257, dtype, ignore_frac=0.0)
+    targets[1] = -100
+    targets[2] = 50256  # the last class, in the ragged block
+    check(logits, targets, label_smoothing=0.1 if dtype == torch.float32 else 0.0)
+
+
+def test_ignore_index_inside_the_vocabulary():
+    logits, targets = make(6, 40, torch.float32, ignore_frac=0.0)
+    targets[::2] = 0
+    check(logits, targets, ignore_index=0)
+
+
+def test_every_row_ignored_gives_nan_loss_and_zero_grad():
+    logits, _ = make(4, 33, torch.float32)
+    targets = torch.full((4,), -100)
+    loss, grad = loss_and_grad(cross_entropy, logits, targets)
+    assert math.isnan(loss.item())
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_extreme_logits_stay_finite():
+    logits, targets = make(5, 3000, torch.float32, ignore_frac=0.0, scale=1e4)
+    check(logits, targets)
+
+
+def test_logits_are_not_modified_and_in_place_agrees():
+    logits, targets = make(5, 700, torch.float32)
+    before = logits.clone()
+    check(logits, targets)
+    assert torch.equal(logits, before)
+    scale = torch.tensor(0.25)
+    loss_a, grad_a = loss_and_dlogits(logits, targets, grad_scale=scale)
+    buf = logits.clone()
+    loss_b, grad_b = loss_and_dlogits(buf, targets, grad_scale=scale, out=buf)
+    assert grad_b.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(loss_a, loss_b, atol=0, rtol=0)
+    torch.testing.assert_close(grad_a, grad_b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_pytorch_path_of_loss_and_dlogits_agrees_with_kernel(monkeypatch, dtype, in_place):
+    """The chunked linear + CE uses this helper on both paths: they must agree."""
+    logits, targets = make(7, 500, dtype)
+    scale = torch.tensor(1 / 5)
+    kernel = loss_and_dlogits(logits, targets, grad_scale=scale, label_smoothing=0.1)
+    monkeypatch.setattr(ce, "triton_usable", lambda *t: False)
+    buf = logits.clone()
+    torch_path = loss_and_dlogits(buf, targets, grad_scale=scale, label_smoothing=0.1,
+                                  out=buf if in_place else None)
+    torch.testing.assert_close(kernel[0], torch_path[0], atol=1e-5, rtol=1e-5)
+    atol, rtol = GRAD_TOL[dtype]
+    torch.testing.assert_close(kernel[1].float(), torch_path[1].float(), atol=2 * atol, rtol=2 * rtol)
+
+
+def test_no_grad_forward():
+    logits, targets = make(4, 100, torch.float32)
+    with torch.no_grad():
+        loss = cross_entropy(logits, targets)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, targets))
+
+
+def test_double_backward_is_refused():
+    logits, targets = make(3, 10, torch.float32, ignore_frac=0.0)
+    x = logits.requires_grad_()
+    loss = cross_entropy(x, targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
+
+
+def test_fallback_without_triton(monkeypatch):
+    monkeypatch.setattr(ce, "triton_usable", lambda *t: False)
+    logits, targets = make(5, 17, torch.float32)
+    torch.testing.assert_close(cross_entropy(logits, targets, label_smoothing=0.2),
+                               cross_entropy_reference(logits, targets, label_smoothing=0.2), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("logits_shape, targets, match", [
+    ((4, 10), torch.zeros(3, dtype=torch.long), "targets must be"),
+    ((2, 4, 10), torch.zeros(4, dtype=torch.long), "logits must be"),
+    ((4, 10), torch.zeros(4), "int64"),
+    ((4, 10), torch.tensor([0, 1, 10, 2]), "out of range"),
+])
+def test_input_errors(logits_shape, targets, match):
+    with pytest.raises(ValueError, match=match):
+        cross_entropy(torch.randn(logits_shape), targets)
+
+
+def test_option_errors():
+    logits, targets = torch.randn(2, 5), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="reduction"):
+        cross_entropy(logits, targets, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        cross_entropy(logits, targets, label_smoothing=1.5)

@@ -1,0 +1,252 @@
+"""Fused flash attention (kernels/flash_attention.py) against a float32 PyTorch reference.
+
+On a machine without a GPU these run the Triton kernels under TRITON_INTERPRET=1 (set by
+conftest.py), so shapes stay small.
+
+Tolerance (FlashAttention's rule): for every checked tensor (out, lse, dq, dk, dv),
+
+    max|ours - ref32| <= 2 * max|torch_lowp - ref32| + eps,   eps = ulp(dtype) * max(1, max|ref32|)
+
+where ref32 is `attention_reference` on the inputs upcast to float32 (gradients in float32 too),
+torch_lowp is the same math done by PyTorch in the input dtype (matmuls, softmax and autograd in
+float16 / bfloat16), and ulp(dtype) is the spacing of numbers at 1.0: 2**-10 for float16, 2**-7
+for bfloat16. For float32 inputs the kernels compute their matmuls in IEEE float32 (not tf32)
+on a GPU as well, so PyTorch's float32 error is ~1e-7 and eps = 1e-4 * max(1, max|ref32|) covers
+the different summation order; the same bound holds under the interpreter (exact fp32 dots) and
+on a GPU. Rows that see no key must give output 0, LSE -inf, and zero gradients: no NaN anywhere.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kernels
+import kernels.flash_attention as fa
+from kernels.flash_attention import attention_reference, flash_attention
+
+EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 1e-4}
+
+
+def torch_attention(q, k, v, *, causal, softmax_scale, kv_lens):
+    """The same attention done by PyTorch in the inputs' own dtype: the low-precision baseline."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    if Hkv != H:
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    visible = torch.ones(B, 1, Tq, Tk, dtype=torch.bool)
+    if causal:
+        visible = visible & (torch.arange(Tk)[None, :] <= torch.arange(Tq)[:, None] + (Tk - Tq))
+    if kv_lens is not None:
+        visible = visible & (torch.arange(Tk)[None, :] < kv_lens[:, None])[:, None, None, :]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores.float(), dim=-1)  # PyTorch keeps no low-precision LSE
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return p @ v, lse
+
+
+def make_inputs(B, H, Hkv, Tq, Tk, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Tq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, Tk, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, Tk, D, generator=g).to(dtype)
+    do = torch.randn(B, H, Tq, D, generator=g).to(dtype)
+    return q, k, v, do
+
+
+def assert_close(name, ours, ref, lowp, dtype):
+    ours, ref, lowp = ours.float(), ref.float(), lowp.float()
+    assert not torch.isnan(ours).any(), f"{name}: NaN"
+    finite = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(ours), finite), f"{name}: infinities differ from the reference"
+    assert torch.equal(ours[~finite], ref[~finite]), f"{name}: infinities differ from the reference"
+    if not finite.any():
+        return
+    err = (ours - ref)[finite].abs().max().item()
+    base = (lowp - ref)[finite].abs().max().item() if dtype != torch.float32 else 0.0
+    eps = EPS[dtype] * max(1.0, ref[finite].abs().max().item())
+    assert err <= 2 * base + eps, f"{name}: error {err:.3g} > 2 * {base:.3g} + {eps:.3g}"
+
+
+def check(B, H, Hkv, Tq, Tk, D, dtype, causal, kv_lens=None, softmax_scale=None, seed=0):
+    q, k, v, do = make_inputs(B, H, Hkv, Tq, Tk, D, dtype, seed)
+    kv = torch.tensor(kv_lens, dtype=torch.int32) if kv_lens is not None else None
+    kw = dict(causal=causal, softmax_scale=softmax_scale, kv_lens=kv)
+
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = flash_attention(*inputs, return_lse=True, **kw)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == (B, H, Tq)
+    grads = torch.autograd.grad(out, inputs, do)
+
+    ref_inputs = [t.float().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = attention_reference(*ref_inputs, **kw)
+    ref_grads = torch.autograd.grad(ref_out, ref_inputs, do.float())
+
+    low_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    low_out, low_lse = torch_attention(*low_inputs, **kw)
+    low_grads = torch.autograd.grad(low_out, low_inputs, do)
+
+    assert_close("out", out, ref_out, low_out, dtype)
+    assert_close("lse", lse, ref_lse, low_lse, dtype)
+    for name, ours, ref, low in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
+        assert ours.dtype == dtype
+        assert_close(name, ours, ref, low, dtype)
+
+    # Rows that see no key: exactly zero output and zero dq (the reference agrees on which).
+    empty = torch.isinf(ref_lse)
+    assert torch.all(out[empty] == 0)
+    assert torch.all(grads[0][empty] == 0)
+    return out, lse, grads
+
+
+# (B, H, Hkv, Tq, Tk, D, dtype, causal, kv_lens, softmax_scale)
+CASES = [
+    (1, 2, 2, 37, 37, 64, torch.float32, True, None, None),
+    (2, 2, 1, 45, 29, 32, torch.float16, False, [29, 7], None),
+    (1, 4, 2, 50, 50, 64, torch.bfloat16, True, [33], None),
+    (2, 1, 1, 1, 70, 32, torch.float16, True, [70, 0], None),  # decoding step; one empty row
+    (1, 2, 1, 60, 20, 16, torch.float32, True, None, 0.3),  # Tq > Tk: early rows see nothing
+    (1, 1, 1, 33, 47, 80, torch.float16, True, None, None),  # head dim padded to 128
+    (1, 2, 2, 19, 40, 96, torch.bfloat16, False, [0], 0.125),  # a batch with no keys at all
+    (2, 4, 4, 17, 17, 16, torch.bfloat16, False, None, None),
+]
+
+
+@pytest.mark.parametrize("B,H,Hkv,Tq,Tk,D,dtype,causal,kv_lens,scale", CASES)
+def test_matches_reference(B, H, Hkv, Tq, Tk, D, dtype, causal, kv_lens, scale):
+    check(B, H, Hkv, Tq, Tk, D, dtype, causal, kv_lens, scale)
+
+
+@st.composite
+def attention_cases(draw):
+    B = draw(st.integers(1, 2))
+    H = draw(st.sampled_from([1, 2, 4]))
+    Hkv = draw(st.sampled_from([d for d in (1, 2, 4) if H % d == 0]))
+    Tq = draw(st.integers(1, 80))
+    Tk = Tq if draw(st.booleans()) else draw(st.integers(1, 80))
+    D = draw(st.sampled_from([16, 32, 64, 80]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    causal = draw(st.booleans())
+    kv_lens = draw(st.none() | st.lists(st.integers(0, Tk), min_size=B, max_size=B))
+    scale = draw(st.none() | st.floats(0.05, 1.0))
+    return B, H, Hkv, Tq, Tk, D, dtype, causal, kv_lens, scale
+
+
+@settings(max_examples=10)
+@given(case=attention_cases(), seed=st.integers(0, 2**16))
+def test_matches_reference_hypothesis(case, seed):
+    check(*case, seed=seed)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("D,causal", [(64, True), (128, False)])
+def test_gpu_default_tiles(monkeypatch, arch, D, causal):
+    """The tile sizes a GPU launches (not the interpreter's small ones), with ragged lengths
+    spanning several tiles, so the tile-skipping arithmetic of the real configs is checked."""
+    monkeypatch.setattr(fa, "_arch", lambda t: arch)
+    check(1, 2, 1, 150, 200 if causal else 130, D, torch.float16, causal, [170] if causal else None)
+
+
+def test_lse_gradient():
+    """Gradients flow through the returned log-sum-exp too (as in a z-loss or a merge of
+    attention over key chunks)."""
+    q, k, v, do = make_inputs(1, 2, 1, 23, 31, 32, torch.float32)
+    kv = torch.tensor([20], dtype=torch.int32)
+    dl = torch.randn(1, 2, 23)
+
+    def grads(fn, **kw):
+        ins = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = fn(*ins, causal=True, kv_lens=kv, **kw)
+        return torch.autograd.grad((out * do).sum() + (lse.nan_to_num(0, 0, 0) * dl).sum(), ins)
+
+    for ours, ref in zip(grads(flash_attention, return_lse=True), grads(attention_reference)):
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_strided_inputs_and_determinism():
+    """q as a transposed (B, T, H, D) activation and k, v as a prefix of a longer KV cache:
+    no copies needed, same numbers as contiguous inputs, and bitwise-repeatable gradients."""
+    B, T, H, D = 2, 21, 2, 32
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(B, T, H, D, generator=g).half().transpose(1, 2)
+    cache = torch.randn(2, B, H, 64, D, generator=g).half()
+    k, v = cache[0, :, :, :40], cache[1, :, :, :40]
+    assert not q.is_contiguous() and not k.is_contiguous()
+
+    def run(q, k, v):
+        ins = [t.detach().clone() if t.is_contiguous() else t.detach() for t in (q, k, v)]
+        ins = [t.requires_grad_() for t in ins]
+        out = flash_attention(*ins, causal=True)
+        return (out, *torch.autograd.grad(out.float().square().sum(), ins))
+
+    strided = run(q, k, v)
+    contiguous = run(q.contiguous(), k.contiguous(), v.contiguous())
+    again = run(q, k, v)
+    for a, b, c in zip(strided, contiguous, again):
+        assert torch.equal(a, b)
+        assert torch.equal(a, c)
+
+
+def test_zero_length_keys():
+    q, k, v, _ = make_inputs(1, 2, 2, 5, 0, 16, torch.float16)
+    out, lse = flash_attention(q, k, v, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(q))
+    assert torch.isneginf(lse).all()
+
+
+def test_cpu_fallback(monkeypatch):
+    """Without Triton (or without CUDA and the interpreter) the float32 reference runs and the
+    result comes back in the input dtype, differentiable."""
+    monkeypatch.setattr(fa, "triton_usable", lambda *t: False)
+    q, k, v, do = make_inputs(2, 4, 2, 9, 12, 16, torch.bfloat16)
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    kv = torch.tensor([12, 3])
+    out, lse = flash_attention(*ins, causal=True, kv_lens=kv, return_lse=True)
+    ref, ref_lse = attention_reference(q, k, v, causal=True, kv_lens=kv)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, ref.to(torch.bfloat16))
+    assert torch.equal(lse, ref_lse)
+    grads = torch.autograd.grad(out, ins, do)
+    assert all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
+
+
+def test_triton_usable_on_cpu_only_under_interpreter():
+    t = torch.zeros(1)
+    assert kernels.triton_usable(t) == (kernels.HAS_TRITON and kernels.INTERPRET)
+
+
+def _t(*shape, dtype=torch.float16):
+    return torch.zeros(*shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("args,kwargs,message", [
+    ((_t(2, 8, 16), _t(2, 8, 16), _t(2, 8, 16)), {}, "q must be 4-D"),
+    ((_t(1, 2, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 9, 16)), {}, "k and v must have the same shape"),
+    ((_t(1, 2, 8, 16), _t(2, 2, 8, 16), _t(2, 2, 8, 16)), {}, "batch size"),
+    ((_t(1, 2, 8, 16), _t(1, 2, 8, 32), _t(1, 2, 8, 32)), {}, "head dim of q"),
+    ((_t(1, 3, 8, 16), _t(1, 2, 8, 16), _t(1, 2, 8, 16)), {}, "multiple of the number of key/value heads"),
+    ((_t(1, 2, 8, 16, dtype=torch.float64),) * 3, {}, "dtype torch.float64 is not supported"),
+    ((_t(1, 2, 8, 16), _t(1, 2, 8, 16, dtype=torch.float32), _t(1, 2, 8, 16)), {}, "share a dtype"),
+    ((_t(1, 2, 8, 12),) * 3, {}, "head dim 12 is not supported"),
+    ((_t(1, 2, 8, 264),) * 3, {}, "head dim 264 is not supported"),
+    ((_t(1, 2, 8, 16),) * 3, {"softmax_scale": float("nan")}, "softmax_scale"),
+    ((_t(1, 2, 8, 16),) * 3, {"kv_lens": torch.tensor([1.0])}, "kv_lens must hold integers"),
+    ((_t(1, 2, 8, 16),) * 3, {"kv_lens": torch.tensor([1, 2])}, r"kv_lens must have shape \(1,\)"),
+    ((_t(1, 2, 8, 16),) * 3, {"kv_lens": [3]}, "kv_lens must be an integer tensor"),
+])
+def test_rejects_bad_inputs(args, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        flash_attention(*args, **kwargs)
+
+
+def test_compile_specs_cover_head_dims_and_dtypes():
+    names = {s.name for s in fa.compile_specs(80)} | {s.name for s in fa.compile_specs(90)}
+    for kernel in ("fwd", "preprocess", "dkdv", "dq"):
+        for d in (64, 128):
+            for dtype in ("fp16", "bf16"):
+                assert f"flash_attention.{kernel}[d{d},{dtype}]" in names

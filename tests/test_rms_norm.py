@@ -1,0 +1,107 @@
+"""RMSNorm kernels against the float32 reference (interpreter on CPU-only machines).
+
+The reference is checked against torch.nn.functional.rms_norm. Tolerances (outputs and every
+gradient): ours against the float32 reference must be within twice PyTorch's own error in
+the same dtype (F.rms_norm and its backward run natively in fp16/bf16) plus
+atol + rtol * max|reference|, with (atol, rtol) = (1e-5, 1e-5) for float32, (1e-3, 1e-3) for
+float16 and (1e-2, 8e-3) for bfloat16: about one unit in the last place, since the
+interpreter truncates float32 -> bf16 where a GPU rounds.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import kernels.rms_norm as rn
+from kernels.rms_norm import rms_norm, rms_norm_reference
+
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-2, 8e-3)}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def assert_close(ours, lowp, ref, dtype, what):
+    atol, rtol = TOL[dtype]
+    err = (ours.float() - ref).abs().max().item()
+    torch_err = (lowp.float() - ref).abs().max().item()
+    bound = 2 * torch_err + atol + rtol * ref.abs().max().item()
+    assert err <= bound, f"{what} ({dtype}): error {err:.3g} > bound {bound:.3g} (torch's own: {torch_err:.3g})"
+
+
+def torch_rms_norm(x, w, b, eps):
+    y = F.rms_norm(x, x.shape[-1:], w, eps)
+    return y + b if b is not None else y
+
+
+def run(fn, x, w, b, dy):
+    """Output and gradients of fn on fresh leaf copies of the inputs."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    y = fn(*leaves)
+    y.backward(dy.to(y.dtype))
+    return [y] + [t.grad for t in leaves if t is not None]
+
+
+def check(x, w, b, eps=1e-6):
+    dtype = x.dtype
+    dy = torch.randn(x.shape)
+    up = lambda t: t.float() if t is not None else None  # noqa: E731
+    ours = run(lambda a, c, d: rms_norm(a, c, eps, d), x, w, b, dy)
+    ref = run(lambda a, c, d: torch_rms_norm(a, c, d, eps), up(x), up(w), up(b), dy)
+    lowp = run(lambda a, c, d: torch_rms_norm(a, c, d, eps), x, w, b, dy)
+    for name, o, r, lp in zip(("y", "dx", "dweight", "dbias"), ours, ref, lowp):
+        assert o.dtype == lp.dtype and o.shape == lp.shape, name
+        assert_close(o, lp, r, dtype, name)
+
+
+@given(
+    rows=st.integers(1, 40),
+    n=st.one_of(st.integers(1, 300), st.sampled_from([768, 1000, 4096])),
+    dtype=st.sampled_from(DTYPES),
+    has_weight=st.booleans(),
+    has_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_reference(rows, n, dtype, has_weight, has_bias, seed):
+    torch.manual_seed(seed)
+    if n >= 768:
+        rows = min(rows, 6)  # keep wide rows cheap under the interpreter
+    x = (torch.randn(rows, n) * 2 + 0.5).to(dtype)
+    w = (torch.randn(n) + 1).to(dtype) if has_weight else None
+    b = torch.randn(n).to(dtype) if has_bias else None
+    check(x, w, b)
+
+
+def test_leading_dims_and_strided_input():
+    torch.manual_seed(0)
+    check(torch.randn(3, 50, 7).transpose(1, 2), torch.randn(50), torch.randn(50))
+    check(torch.randn(2, 5, 64)[:, 1:4], torch.randn(64), None, eps=1e-3)
+
+
+def test_many_rows_share_the_weight_reduction():
+    torch.manual_seed(1)
+    check(torch.randn(203, 33), torch.randn(33), None)
+
+
+def test_reference_matches_torch_rms_norm():
+    x, w = torch.randn(5, 12, dtype=torch.bfloat16), torch.randn(12)
+    expected = F.rms_norm(x.float(), (12,), w, 1e-6).to(torch.bfloat16)
+    torch.testing.assert_close(rms_norm_reference(x, w, 1e-6), expected, atol=0, rtol=8e-3)
+
+
+def test_fallback_without_triton(monkeypatch):
+    monkeypatch.setattr(rn, "triton_usable", lambda *t: False)
+    x = torch.randn(4, 10, requires_grad=True)
+    w = torch.randn(10)
+    y = rms_norm(x, w)
+    assert torch.equal(y, rms_norm_reference(x, w))
+    y.sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("w_shape, b_shape, match", [((10,), (9,), "bias"), ((11,), None, "weight")])
+def test_shape_errors(w_shape, b_shape, match):
+    x = torch.randn(3, 10)
+    w = torch.randn(w_shape)
+    b = torch.randn(b_shape) if b_shape else None
+    with pytest.raises(ValueError, match=match):
+        rms_norm(x, w, bias=b)

@@ -1,0 +1,84 @@
+"""SwiGLU kernels against F.silu(gate) * up (interpreter on CPU-only machines).
+
+Tolerances (output, dgate, dup): ours against the float32 reference must be within twice the
+error of torch's own F.silu(gate) * up (and its backward) in the same dtype plus
+atol + rtol * max|ref|, with (atol, rtol) = (1e-5, 1e-6) for float32, (1e-3, 1e-3) for
+float16 and (1e-2, 8e-3) for bfloat16 (about one unit in the last place: the interpreter
+truncates float32 -> bf16 where a GPU rounds).
+"""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import kernels.swiglu as swiglu_mod
+from kernels.swiglu import swiglu, swiglu_reference
+
+TOL = {torch.float32: (1e-5, 1e-6), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-2, 8e-3)}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def run(fn, gate, up, dy):
+    g, u = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
+    y = fn(g, u)
+    y.backward(dy.to(y.dtype))
+    return y, g.grad, u.grad
+
+
+def check(gate, up):
+    dtype = gate.dtype
+    dy = torch.randn(gate.shape)
+    with warnings.catch_warnings():  # numpy's exp overflows to inf for very negative gates: harmless
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ours = run(swiglu, gate, up, dy)
+    ref = run(lambda g, u: F.silu(g) * u, gate.float(), up.float(), dy)
+    lowp = run(lambda g, u: F.silu(g) * u, gate, up, dy)
+    atol, rtol = TOL[dtype]
+    for name, o, r, lp in zip(("y", "dgate", "dup"), ours, ref, lowp):
+        assert o.dtype == dtype and o.shape == gate.shape, name
+        err = (o.float() - r).abs().max().item()
+        bound = 2 * (lp.float() - r).abs().max().item() + atol + rtol * r.abs().max().item()
+        assert err <= bound, f"{name} ({dtype}): error {err:.3g} > bound {bound:.3g}"
+
+
+@given(
+    rows=st.integers(1, 20),
+    n=st.one_of(st.integers(1, 300), st.sampled_from([1024, 1500, 2752])),
+    dtype=st.sampled_from(DTYPES),
+    scale=st.sampled_from([1.0, 4.0, 30.0]),
+    fused_projection=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_reference(rows, n, dtype, scale, fused_projection, seed):
+    torch.manual_seed(seed)
+    if n > 300:
+        rows = min(rows, 4)
+    if fused_projection:  # gate and up as the two halves of one (rows, 2n) projection: strided views
+        gate, up = (torch.randn(rows, 2 * n) * scale).to(dtype).chunk(2, dim=-1)
+    else:
+        gate, up = (torch.randn(2, rows, n) * scale).to(dtype).unbind(0)
+    check(gate, up)
+
+
+def test_leading_dims():
+    torch.manual_seed(0)
+    check(torch.randn(2, 3, 70), torch.randn(2, 3, 70))
+
+
+def test_fallback_without_triton(monkeypatch):
+    monkeypatch.setattr(swiglu_mod, "triton_usable", lambda *t: False)
+    g, u = torch.randn(3, 5), torch.randn(3, 5)
+    assert torch.equal(swiglu(g, u), swiglu_reference(g, u))
+
+
+@pytest.mark.parametrize("gate, up, match", [
+    (torch.randn(3, 5), torch.randn(3, 6), "same shape"),
+    (torch.randn(3, 5), torch.randn(3, 5, dtype=torch.float64), "float64"),
+    (torch.arange(4), torch.arange(4), "floating point"),
+])
+def test_input_errors(gate, up, match):
+    with pytest.raises(ValueError, match=match):
+        swiglu(gate, up)

@@ -1,0 +1,203 @@
+"""train.py end to end on tiny models: resume equivalence, DDP equivalence, the token cache,
+outputs, and the bad-input paths (one line, exit code 2, nothing overwritten)."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from minillm.data import Batches, mask_tokens, read_corpus, split, tokenize_corpus
+from minillm.tokenizer import CharTokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt")
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
+        "--eval-iters", "2", "--no-progress", "--sample-tokens", "0", "--warmup-steps", "2"]
+
+
+def run_train(args, tmp_path, check=True, env_extra=None, launcher=None):
+    env = {**os.environ, "MINILLM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("TRITON_INTERPRET", None)
+    env.update(env_extra or {})
+    cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, "train.py")] + list(args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(out, "checkpoint", "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small real-text corpus: the first 60k characters of Tiny Shakespeare when present,
+    else Python's docs."""
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    if os.path.exists(SHAKESPEARE):
+        text = open(SHAKESPEARE, encoding="utf-8").read()[:60000]
+    else:
+        text = read_corpus(None)[0][:60000]
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_default_run_writes_every_output(tmp_path, corpus):
+    out = tmp_path / "run"
+    proc = run_train(["--data", corpus, "--out", str(out), "--max-steps", "8", "--eval-interval", "4",
+                      *TINY, "--sample-tokens", "20"], tmp_path)
+    for name in ("metrics.jsonl", "summary.json", "checkpoint/model.safetensors", "checkpoint/config.json",
+                 "checkpoint/char_tokenizer.json", "checkpoint/optimizer.safetensors",
+                 "checkpoint/trainer_state.json"):
+        assert (out / name).exists(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["val_loss"] > 0 and summary["tok_per_s"] > 0
+    rows = metrics(out)
+    assert [r["step"] for r in rows if "val_loss" in r] == [4, 8]
+    assert "--- sample ---" in proc.stdout
+    # the checkpoint samples through the documented command
+    gen = subprocess.run([sys.executable, "-m", "minillm.generate", "--ckpt", str(out), "--prompt", "KING",
+                          "--tokens", "10", "--temperature", "0"], capture_output=True, text=True, cwd=ROOT)
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.startswith("KING")
+
+
+@pytest.mark.parametrize("model", ["gpt", "bert"])
+def test_resume_continues_exactly(tmp_path, corpus, model):
+    """Stopping at step 6 and resuming gives the same later losses and final weights, bit for
+    bit, as one uninterrupted run (CPU, float32)."""
+    common = ["--data", corpus, "--model", model, "--max-steps", "12", "--eval-interval", "4",
+              "--log-interval", "1", "--dropout", "0.1", *TINY]
+    run_train([*common, "--out", str(tmp_path / "a")], tmp_path)
+    run_train([*common, "--out", str(tmp_path / "b"), "--stop-at-step", "6"], tmp_path)
+    run_train([*common, "--out", str(tmp_path / "b"), "--resume"], tmp_path)
+    a = {r["step"]: r["train_loss"] for r in metrics(tmp_path / "a")}
+    b = {r["step"]: r["train_loss"] for r in metrics(tmp_path / "b")}
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    assert a == b
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ddp_two_processes_match_one(tmp_path, corpus):
+    """torchrun with 2 CPU processes (gloo) at batch 4 each equals one process at batch 8."""
+    common = ["--data", corpus, "--max-steps", "6", "--eval-interval", "0", "--log-interval", "1",
+              *[a for a in TINY if a not in ("--batch-size", "4")]]
+    run_train([*common, "--batch-size", "8", "--out", str(tmp_path / "one")], tmp_path)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run_train([*common, "--batch-size", "4", "--out", str(tmp_path / "two")], tmp_path, launcher=launcher)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for r1, r2 in zip(one, two):
+        assert abs(r1["train_loss"] - r2["train_loss"]) < 1e-5, (r1, r2)
+    w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
+
+
+def test_token_cache_is_keyed_by_content_and_tokenizer(tmp_path):
+    docs = ["hello world, " * 50, "second document"]
+    tok = CharTokenizer.train("".join(docs))
+    a = tokenize_corpus(docs, tok, cache=str(tmp_path))
+    files = os.listdir(tmp_path)
+    assert len(files) == 1 and isinstance(a, np.memmap)
+    a = np.array(a)  # a copy: the file is damaged on purpose below
+    assert tok.decode(a[: len(docs[0])].tolist()) == docs[0]
+    b = tokenize_corpus(docs, tok, cache=str(tmp_path))  # read back, not rebuilt
+    assert os.listdir(tmp_path) == files and np.array_equal(a, b)
+    tokenize_corpus(docs + ["more"], tok, cache=str(tmp_path))  # other content, other entry
+    tokenize_corpus(docs, CharTokenizer.train("".join(docs) + "xyz"), cache=str(tmp_path))  # other tokenizer
+    assert len(os.listdir(tmp_path)) == 3
+    # a damaged entry is rebuilt rather than trusted
+    with open(tmp_path / files[0], "wb") as f:
+        f.write(b"garbage")
+    c = tokenize_corpus(docs, tok, cache=str(tmp_path))
+    assert np.array_equal(a, c)
+
+
+def test_batches_and_masking():
+    tokens = np.arange(1000, dtype=np.uint16)
+    b = Batches(tokens, 16, seed=0)
+    x, y = b.causal_lm(8)
+    assert x.shape == (8, 16) and torch.equal(y, x + 1)
+    # ranks take disjoint slices of the same global batch
+    r0 = Batches(tokens, 16, seed=3, rank=0, world=2).causal_lm(8)[0]
+    r1 = Batches(tokens, 16, seed=3, rank=1, world=2).causal_lm(8)[0]
+    full = Batches(tokens, 16, seed=3).causal_lm(8)[0]
+    assert torch.equal(torch.cat([r0, r1]), full)
+    tok = CharTokenizer.train("abcdefghij")
+    x = torch.randint(3, 13, (64, 64))
+    inp, tgt = mask_tokens(x, tok, tok.vocab_size, torch.Generator().manual_seed(0))
+    chosen = tgt != -100
+    assert 0.12 < chosen.float().mean() < 0.18
+    assert torch.equal(tgt[chosen], x[chosen])
+    masked = (inp == tok.mask_id) & chosen
+    assert 0.75 < masked.sum() / chosen.sum() < 0.85
+    assert torch.equal(inp[~chosen], x[~chosen])
+
+
+def test_split_errors():
+    with pytest.raises(ValueError, match="fewer than one context window"):
+        split(np.arange(20), 0.1, 32)
+
+
+def _expect_error(proc, *words):
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def test_bad_inputs_exit_2(tmp_path, corpus):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    short = tmp_path / "short.txt"
+    short.write_text("to be or not")
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 au lait ".encode("latin-1") * 50)
+    cases = [
+        (["--data", str(empty)], ["empty"]),
+        (["--data", str(short)], ["context window"]),
+        (["--data", str(latin)], ["latin1.txt", "UTF-8"]),
+        (["--data", str(tmp_path / "missing.txt")], ["missing.txt"]),
+        (["--preset", "gpt-nonsense"], ["unknown preset"]),
+        (["--n-head", "3", "--data", corpus], ["n_head=3", "n_embd"]),
+        (["--val-fraction", "1.5", "--data", corpus], ["--val-fraction"]),
+        (["--lr", "-1", "--data", corpus], ["--lr"]),
+    ]
+    for args, words in cases:
+        _expect_error(run_train([*TINY, *args, "--max-steps", "1", "--out", str(tmp_path / "x")], tmp_path,
+                                check=False), *words)
+    for args in (["--dtype", "float64"], ["--compile", "maybe"], ["--max-steps", "0"]):
+        proc = run_train([*args, "--out", str(tmp_path / "x")], tmp_path, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_out_with_other_shape_is_refused_and_untouched(tmp_path, corpus):
+    out = tmp_path / "run"
+    run_train(["--data", corpus, "--out", str(out), "--max-steps", "2", "--eval-interval", "0", *TINY], tmp_path)
+    before = {p: hashlib.sha256((out / p).read_bytes()).hexdigest()
+              for p in ("checkpoint/model.safetensors", "metrics.jsonl", "summary.json")}
+    proc = run_train(["--data", corpus, "--out", str(out), "--max-steps", "2", *TINY, "--n-embd", "64"],
+                     tmp_path, check=False)
+    _expect_error(proc, "another shape")
+    proc = run_train(["--data", corpus, "--out", str(out), "--max-steps", "4", *TINY, "--resume",
+                      "--block-size", "64"], tmp_path, check=False)
+    _expect_error(proc, "--block-size 64", "32 positions")
+    after = {p: hashlib.sha256((out / p).read_bytes()).hexdigest() for p in before}
+    assert before == after
+    _expect_error(run_train(["--data", corpus, "--out", str(tmp_path / "none"), "--resume", *TINY], tmp_path,
+                            check=False), "--resume", "no checkpoint")
