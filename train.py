@@ -315,6 +315,10 @@ if __name__ == "__main__":
     except ValueError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # an unwritable --out, a full disk: the previous checkpoint is intact
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"train.py: error: {e.strerror or e}{where}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("train.py: interrupted; the last checkpoint is kept", file=sys.stderr)
         sys.exit(130)

@@ -161,7 +161,7 @@ def loss_and_dlogits(logits: torch.Tensor, targets: torch.Tensor, *, ignore_inde
 
 class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, label_smoothing, reduction):
+    def forward(ctx, logits, targets, ignore_index, label_smoothing, reduction, grad_enabled):
         n_valid = (targets != ignore_index).sum().to(torch.float32)
         if reduction == "mean":
             grad_scale = 1.0 / n_valid
@@ -169,7 +169,8 @@ class _CrossEntropyFunction(torch.autograd.Function):
             grad_scale = torch.ones((), dtype=torch.float32, device=logits.device)
         loss, dlogits = loss_and_dlogits(
             logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing,
-            grad_scale=grad_scale, write_grad=ctx.needs_input_grad[0])
+            # needs_input_grad ignores torch.no_grad(), so the caller passes whether grad mode is on.
+            grad_scale=grad_scale, write_grad=grad_enabled and ctx.needs_input_grad[0])
         ctx.save_for_backward(dlogits)
         ctx.reduction = reduction
         ctx.used = False
@@ -191,7 +192,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
             dlogits.mul_(grad_output[:, None].to(dlogits.dtype))
         else:
             dlogits.mul_(grad_output.to(dlogits.dtype))
-        return dlogits, None, None, None, None
+        return dlogits, None, None, None, None, None
 
 
 def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
@@ -236,7 +237,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     _check(logits, targets, ignore_index, label_smoothing, reduction)
     if not triton_usable(logits, targets):
         return cross_entropy_reference(logits, targets, ignore_index, label_smoothing, reduction)
-    return _CrossEntropyFunction.apply(logits, targets, int(ignore_index), float(label_smoothing), reduction)
+    return _CrossEntropyFunction.apply(logits, targets, int(ignore_index), float(label_smoothing), reduction,
+                                       torch.is_grad_enabled())
 
 
 def compile_specs() -> list[CompileSpec]:

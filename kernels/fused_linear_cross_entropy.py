@@ -51,10 +51,12 @@ def _autocast_dtype(device_type: str):
 
 class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, chunk_size):
+    def forward(ctx, hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, chunk_size,
+                grad_enabled):
         n, c = hidden.shape
         v = weight.shape[0]
-        need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
+        # needs_input_grad ignores torch.no_grad(), so the caller passes whether grad mode is on.
+        need_h, need_w, _, need_b = (grad_enabled and needed for needed in ctx.needs_input_grad[:4])
         need_any = need_h or need_w or need_b
         device_type = hidden.device.type
         compute_dtype = _autocast_dtype(device_type) or hidden.dtype
@@ -112,7 +114,7 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
         for g in (grad_hidden, grad_weight, grad_bias):
             if g is not None:
                 g.mul_(grad_output.to(g.dtype))
-        return grad_hidden, grad_weight, None, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, None, grad_bias, None, None, None, None, None
 
 
 def fused_linear_cross_entropy_reference(hidden, weight, targets, bias=None, ignore_index=-100,
@@ -174,7 +176,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     if chunk_size is None:
         chunk_size = default_chunk_size(hidden.shape[0], weight.shape[0])
     return _FusedLinearCrossEntropyFunction.apply(
-        hidden, weight, targets, bias, int(ignore_index), float(label_smoothing), reduction, chunk_size)
+        hidden, weight, targets, bias, int(ignore_index), float(label_smoothing), reduction, chunk_size,
+        torch.is_grad_enabled())
 
 
 def compile_specs() -> list[CompileSpec]:

@@ -109,6 +109,9 @@ def save_checkpoint(out_dir: str, model, config: ModelConfig, tokenizer=None, op
     adapters only). Returns the checkpoint path."""
     os.makedirs(out_dir, exist_ok=True)
     final = os.path.join(out_dir, name)
+    for stale in os.listdir(out_dir):  # left by a process killed in the middle of a save
+        if stale.startswith(f".{name}.tmp-"):
+            shutil.rmtree(os.path.join(out_dir, stale), ignore_errors=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir)
     try:
         _save_tensors(tensors if tensors is not None else model_tensors(model), os.path.join(tmp, "model.safetensors"),

@@ -17,6 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import kernels.cross_entropy as ce
+import kernels.fused_linear_cross_entropy as flce
+from kernels.cross_entropy import loss_and_dlogits
 from kernels.fused_linear_cross_entropy import (
     default_chunk_size,
     fused_linear_cross_entropy,
@@ -56,7 +58,7 @@ def check_float32(hidden, weight, targets, bias, **kw):
     ref = loss_and_grads(exact, hidden.double(), weight.double(), targets,
                          bias.double() if bias is not None else None, **kw)
     assert ours[0].dtype == torch.float32
-    torch.testing.assert_close(ours[0], plain[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours[0], plain[0], atol=1e-5, rtol=1e-5, equal_nan=True)
     for name, o, p, r in zip(("grad_hidden", "grad_weight", "grad_bias"), ours[1:], plain[1:], ref[1:]):
         assert o.dtype == p.dtype, name
         err = (o.double() - r).abs().max().item()
@@ -140,13 +142,23 @@ def test_frozen_weight_and_frozen_hidden(pytorch_path):
     torch.testing.assert_close(w.grad, w_ref.grad, atol=1e-5, rtol=0)
 
 
-def test_no_grad_and_chunk_size_invariance(pytorch_path):
+def test_no_grad_and_chunk_size_invariance(pytorch_path, monkeypatch):
     hidden, weight, targets, b = make(37, 12, 90, bias=True)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["write_grad"])
+        return loss_and_dlogits(*args, **kwargs)
+
+    monkeypatch.setattr(flce, "loss_and_dlogits", spy)
     expected = fused_linear_cross_entropy_reference(hidden, weight, targets, b)
     with torch.no_grad():
         for chunk in (1, 5, 37, 100, None):
             got = fused_linear_cross_entropy(hidden, weight, targets, b, chunk_size=chunk)
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert calls and not any(calls)  # no gradient work under no_grad
 
 
 def test_autocast_bfloat16_on_cpu(pytorch_path):

@@ -1,8 +1,8 @@
-"""LayerNorm kernels against the float32 PyTorch reference (interpreter on CPU-only machines).
+"""LayerNorm kernels against PyTorch (interpreter on CPU-only machines).
 
-Tolerances (outputs and every gradient): the error of ours against the float32 reference
+Tolerances (outputs and every gradient): the error of ours against PyTorch in float64
 must be at most twice the error of PyTorch's own computation in the same dtype (F.layer_norm
-and its backward run natively in fp16/bf16) plus atol + rtol * max|reference|, with
+and its backward run natively in fp32/fp16/bf16) plus atol + rtol * max|reference|, with
 (atol, rtol) = (1e-5, 1e-5) for float32, (1e-3, 1e-3) for float16 and (1e-2, 8e-3) for
 bfloat16: about one unit in the last place, since the interpreter truncates float32 -> bf16
 where a GPU rounds.
@@ -22,8 +22,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 def assert_close(ours, lowp, ref, dtype, what):
     atol, rtol = TOL[dtype]
-    err = (ours.float() - ref).abs().max().item()
-    torch_err = (lowp.float() - ref).abs().max().item()
+    err = (ours.double() - ref).abs().max().item()
+    torch_err = (lowp.double() - ref).abs().max().item()
     bound = 2 * torch_err + atol + rtol * ref.abs().max().item()
     assert err <= bound, f"{what} ({dtype}): error {err:.3g} > bound {bound:.3g} (torch's own: {torch_err:.3g})"
 
@@ -39,7 +39,7 @@ def run(fn, x, w, b, dy):
 def check(x, w, b, eps=1e-5):
     dtype = x.dtype
     dy = torch.randn(x.shape)
-    up = lambda t: t.float() if t is not None else None  # noqa: E731
+    up = lambda t: t.double() if t is not None else None  # noqa: E731
     ours = run(lambda a, c, d: layer_norm(a, c, d, eps), x, w, b, dy)
     ref = run(lambda a, c, d: F.layer_norm(a, a.shape[-1:], c, d, eps), up(x), up(w), up(b), dy)
     lowp = run(lambda a, c, d: F.layer_norm(a, a.shape[-1:], c, d, eps), x, w, b, dy)

@@ -1,6 +1,6 @@
-"""Rotary embedding kernel against the float32 reference (interpreter on CPU-only machines).
+"""Rotary embedding kernel against the reference (interpreter on CPU-only machines).
 
-Tolerances (q_rot, k_rot and both gradients): ours against the float32 reference must be
+Tolerances (q_rot, k_rot and both gradients): ours against the reference in float64 must be
 within twice the error of the same rotation done by PyTorch in the inputs' dtype (cos/sin
 cast to it, as Hugging Face's Llama does) plus atol + rtol * max|reference|, with
 (atol, rtol) = (1e-6, 1e-6) for float32, (1e-3, 1e-3) for float16 and (1e-2, 8e-3) for
@@ -37,7 +37,7 @@ def rotate_in_dtype(q, k, cos, sin):
 def run(fn, q, k, cos, sin, dq, dk):
     q, k = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
     qo, ko = fn(q, k, cos, sin)
-    ((qo.float() * dq).sum() + (ko.float() * dk).sum()).backward()
+    ((qo.double() * dq.double()).sum() + (ko.double() * dk.double()).sum()).backward()
     return qo, ko, q.grad, k.grad
 
 
@@ -45,13 +45,13 @@ def check(q, k, cos, sin):
     dtype = q.dtype
     dq, dk = torch.randn(q.shape), torch.randn(k.shape)
     ours = run(apply_rotary, q, k, cos, sin, dq, dk)
-    ref = run(apply_rotary_reference, q.float(), k.float(), cos, sin, dq, dk)
+    ref = run(apply_rotary_reference, q.double(), k.double(), cos.double(), sin.double(), dq, dk)
     lowp = run(rotate_in_dtype, q, k, cos, sin, dq, dk)
     atol, rtol = TOL[dtype]
     for name, o, r, lp in zip(("q_rot", "k_rot", "dq", "dk"), ours, ref, lowp):
         assert o.dtype == dtype and o.shape == r.shape, name
-        err = (o.float() - r).abs().max().item()
-        torch_err = (lp.float() - r).abs().max().item()
+        err = (o.double() - r).abs().max().item()
+        torch_err = (lp.double() - r).abs().max().item()
         bound = 2 * torch_err + atol + rtol * r.abs().max().item()
         assert err <= bound, f"{name} ({dtype}): error {err:.3g} > bound {bound:.3g}"
 

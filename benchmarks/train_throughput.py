@@ -1,0 +1,107 @@
+"""Training throughput of train.py's step against a plain eager float32 PyTorch step on the
+same model, measured side by side in one process (rounds alternate, medians reported).
+
+    python -m benchmarks.train_throughput --data ../shared/data/tinyshakespeare/input.txt
+
+The default shape is the issue's: 4 layers, 4 heads, width 128, context 64, batch 12,
+character-level. "eager-fp32" is the honest stand-in for a plain PyTorch GPT (no compile,
+float32, our modules); the other rows are train.py's settings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from minillm import GPT
+from minillm.config import preset
+from minillm.data import Batches, read_corpus, tokenize_corpus
+from minillm.tokenizer import CharTokenizer
+from minillm.training import TrainSettings, flops_per_token, make_optimizer, measure_matmul_peak
+
+
+def make_step(model, opt, compile_: bool, dtype: str):
+    fwd = torch.compile(model) if compile_ else model
+    ctx = (lambda: torch.autocast("cpu", dtype=getattr(torch, dtype))) if dtype != "float32" else None
+
+    def step(x, y):
+        if ctx is None:
+            _, loss = fwd(x, y)
+        else:
+            with ctx():
+                _, loss = fwd(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=None, help="text file (default: Python's bundled docs)")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=12)
+    p.add_argument("--steps", type=int, default=40, help="steps per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--variants", nargs="+", default=["eager-fp32", "compile-fp32"],
+                   help="eager-<dtype> or compile-<dtype>, dtype in float32/fp32, bfloat16/bf16")
+    p.add_argument("--json", help="write the figures here")
+    args = p.parse_args(argv)
+
+    text = read_corpus(args.data)[0]
+    tok = CharTokenizer.train(text)
+    tokens = tokenize_corpus([text], tok)
+    batches = Batches(tokens, args.block_size, seed=0)
+    cfg = preset("gpt-cpu", n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                 block_size=args.block_size, vocab_size=tok.vocab_size, dropout=0.0)
+    alias = {"fp32": "float32", "bf16": "bfloat16", "float32": "float32", "bfloat16": "bfloat16"}
+    runs = {}
+    for v in args.variants:
+        mode, dt = v.split("-", 1)
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        opt = make_optimizer(model, TrainSettings(lr=1e-3), torch.device("cpu"))
+        step = make_step(model, opt, mode == "compile", alias[dt])
+        t0 = time.perf_counter()
+        for _ in range(3):  # warm-up (and compile)
+            step(*batches.causal_lm(args.batch_size))
+        runs[v] = {"step": step, "warmup_s": time.perf_counter() - t0, "rates": [], "model": model}
+    tokens_per_step = args.batch_size * args.block_size
+    for r in range(args.rounds):
+        for v, run in runs.items():
+            data = [batches.causal_lm(args.batch_size) for _ in range(args.steps)]
+            t0 = time.perf_counter()
+            for x, y in data:
+                run["step"](x, y)
+            run["rates"].append(args.steps * tokens_per_step / (time.perf_counter() - t0))
+    peak = measure_matmul_peak(torch.device("cpu"), "float32")
+    fpt = flops_per_token(next(iter(runs.values()))["model"], args.block_size)
+    base = statistics.median(runs[args.variants[0]]["rates"])
+    print(f"model: {args.n_layer} layers, {args.n_head} heads, width {args.n_embd}, context {args.block_size}, "
+          f"batch {args.batch_size}, vocab {tok.vocab_size}; {torch.get_num_threads()} threads; "
+          f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+    print(f"{'variant':<16}{'tok/s (median)':>16}{'min':>10}{'max':>10}{'vs ' + args.variants[0]:>18}{'MFU':>8}{'warm-up s':>11}")
+    out = {}
+    for v, run in runs.items():
+        med = statistics.median(run["rates"])
+        out[v] = {"tok_per_s": med, "all": run["rates"], "warmup_s": run["warmup_s"], "ratio": med / base,
+                  "mfu_fp32": med * fpt / peak}
+        print(f"{v:<16}{med:>16,.0f}{min(run['rates']):>10,.0f}{max(run['rates']):>10,.0f}{med / base:>17.2f}x"
+              f"{100 * med * fpt / peak:>7.1f}%{run['warmup_s']:>11.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
