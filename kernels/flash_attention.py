@@ -21,8 +21,9 @@ What the kernels cover:
 - grouped-query attention: q has H heads, k and v have Hkv heads, H % Hkv == 0;
 - head dims that are multiples of 8 up to 256; non-powers of two (80, 96) are padded to the
   next power of two inside the kernel with masks on the head-dim axis;
-- float16, bfloat16 and float32 inputs (float32 matmuls run in true fp32, not tf32: callers who
-  pass fp32 asked for fp32 numbers; cast to bf16 for speed).
+- float16, bfloat16 and float32 inputs. Float32 matmuls use three TF32 tensor-core passes
+  ("tf32x3"), which keeps float32 accuracy (plain TF32 would lose about 3 decimal digits and
+  differ from PyTorch's float32 default); cast to bf16 for speed.
 
 Rows that see no key at all (Tq > Tk under causal masking, or kv_lens[b] == 0) give output 0,
 LSE = -inf (the sentinel for "no visible key"), and zero gradients.
@@ -439,24 +440,35 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def launch_configs(head_dim: int, arch: int | None) -> dict[str, LaunchConfig]:
-    """Launch configuration of each kernel for a head dim on a GPU arch (80 = sm_80, 90 = sm_90;
-    None = the Triton interpreter, which gets small tiles so tests cross many tile edges)."""
-    if arch is None:
-        return {
-            "fwd": LaunchConfig(32, 16, 4, 1),
-            "preprocess": LaunchConfig(32, 0, 4, 1),
-            "dkdv": LaunchConfig(16, 32, 4, 1),
-            "dq": LaunchConfig(32, 16, 4, 1),
-        }
-    d = _block_d(head_dim)
+def launch_configs(head_dim: int, arch: int | None, dtype=torch.bfloat16) -> dict[str, LaunchConfig]:
+    """Launch configuration of each kernel for a head dim and dtype on a GPU arch (80 = sm_80,
+    90 = sm_90 and later; None = the Triton interpreter, which gets small tiles so that tests
+    cross many tile edges)."""
     C = LaunchConfig
-    if arch >= 90:
+    if arch is None:
+        return {"fwd": C(32, 16, 4, 1), "preprocess": C(32, 0, 4, 1), "dkdv": C(16, 32, 4, 1),
+                "dq": C(32, 16, 4, 1)}
+    d = _block_d(head_dim)
+    hopper = arch >= 90
+    if dtype == torch.float32:
+        # fp32 tiles take twice the registers and shared memory of 16-bit ones, and tf32x3
+        # splits each operand in two: small tiles, HGMMA only where it fits (d <= 64 on sm_90).
+        # float32 is the accuracy path, not the speed path: at d = 128 the sm_90 forward and at
+        # d = 256 all three kernels still spill a little (< 200 bytes) even at 16x16 tiles.
+        if d <= 64 and hopper:
+            fwd, dkdv, dq = C(64, 32, 4, 2), C(16, 64, 8, 2), C(64, 16, 4, 2)
+        elif d <= 64:
+            fwd, dkdv, dq = C(32, 32, 4, 2), C(16, 32, 4, 2), C(32, 16, 4, 2)
+        elif d <= 128:
+            fwd, dkdv, dq = C(32, 16, 4, 2), C(16, 16, 4, 2), C(16, 32, 4, 2)
+        else:
+            fwd, dkdv, dq = C(16, 16, 4, 2), C(16, 16, 8, 1), C(16, 16, 8, 1)
+    elif hopper:
         if d <= 64:
             fwd, dkdv, dq = C(128, 64, 4, 3), C(32, 128, 8, 3), C(128, 32, 4, 3)
         elif d <= 128:
             fwd, dkdv, dq = C(128, 64, 8, 3), C(32, 128, 8, 2), C(128, 32, 8, 2)
-        else:  # 256: 128-wide key tiles do not fit the registers of the dK/dV kernel
+        else:  # 256: a 64-row key tile does not fit the dK/dV kernel's registers (no HGMMA)
             fwd, dkdv, dq = C(128, 32, 8, 2), C(16, 32, 4, 2), C(128, 32, 8, 2)
     else:
         if d <= 64:
@@ -465,7 +477,7 @@ def launch_configs(head_dim: int, arch: int | None) -> dict[str, LaunchConfig]:
             fwd, dkdv, dq = C(128, 32, 8, 3), C(32, 64, 4, 2), C(64, 32, 4, 2)
         else:
             fwd, dkdv, dq = C(64, 32, 8, 2), C(16, 64, 8, 2), C(32, 32, 4, 2)
-    return {"fwd": fwd, "preprocess": LaunchConfig(128, 0, 4, 1), "dkdv": dkdv, "dq": dq}
+    return {"fwd": fwd, "preprocess": C(128, 0, 4, 1), "dkdv": dkdv, "dq": dq}
 
 
 def _arch(t: torch.Tensor) -> int | None:
@@ -491,7 +503,7 @@ def _kernel_flags(q: torch.Tensor) -> dict:
     upcast = INTERPRET and q.dtype == torch.bfloat16
     return {
         "UPCAST": upcast,
-        "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+        "PRECISION": "tf32x3" if q.dtype == torch.float32 else "tf32",  # tf32: unused for 16-bit
         "HEAD_DIM": q.shape[-1],
         "BLOCK_D": _block_d(q.shape[-1]),
     }
@@ -501,7 +513,7 @@ def _forward(q, k, v, causal: bool, scale: float, kv_lens):
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     flags = _kernel_flags(q)
-    cfg = launch_configs(D, _arch(q))["fwd"]
+    cfg = launch_configs(D, _arch(q), q.dtype)["fwd"]
     o = torch.empty(q.shape, device=q.device, dtype=torch.float32 if flags["UPCAST"] else q.dtype)
     lse = torch.empty((B, H, Tq), device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(Tq, cfg.block_m), B * H)
@@ -520,7 +532,7 @@ def _backward(do, q, k, v, o, lse, dlse, causal: bool, scale: float, kv_lens):
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     flags = _kernel_flags(q)
-    cfgs = launch_configs(D, _arch(q))
+    cfgs = launch_configs(D, _arch(q), q.dtype)
     kv_lens_arg = kv_lens if kv_lens is not None else lse
 
     delta = torch.empty_like(lse)
@@ -731,9 +743,9 @@ def _compile_specs(arch: int, head_dims, dtypes) -> list[CompileSpec]:
         ptr = _PTR[dtype]
         tag = ptr[1:]
         for head_dim in head_dims:
-            cfgs = launch_configs(head_dim, arch)
+            cfgs = launch_configs(head_dim, arch, dtype)
             common = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), UPCAST=False,
-                          PRECISION="ieee" if dtype == torch.float32 else "tf32", GROUP=1, CAUSAL=True, HAS_KV_LENS=True)
+                          PRECISION="tf32x3" if dtype == torch.float32 else "tf32", GROUP=1, CAUSAL=True, HAS_KV_LENS=True)
             for key, fn, pointers in (
                 ("fwd", _attn_fwd, dict(Q=ptr, K=ptr, V=ptr, O=ptr, LSE="*fp32", KV_LENS="*i32")),
                 ("dkdv", _attn_bwd_dkdv, dict(Q=ptr, K=ptr, V=ptr, DO=ptr, LSE="*fp32", DELTA="*fp32",

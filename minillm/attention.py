@@ -65,10 +65,13 @@ def build_mask(
     tk = k.shape[2]
     bias = None
     if attn_mask is not None:
-        if attn_mask.dim() > 4 or tuple(attn_mask.shape[-2:]) not in ((tq, tk), (1, tk), (tq, 1), (1, 1)):
-            raise ValueError(
-                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (B, H, {tq}, {tk})"
-            )
+        target = (b, q.shape[1], tq, tk)
+        try:
+            fits = attn_mask.dim() <= 4 and torch.broadcast_shapes(attn_mask.shape, target) == target
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (B, H, Tq, Tk) = {target}")
         if attn_mask.dtype == torch.bool:
             bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
                 ~attn_mask, float("-inf")

@@ -68,7 +68,10 @@ class BERT(Transformer):
         return torch.tanh(self.pooler(h[:, 0]))
 
     def mlm_hidden(self, h):
-        return self.mlm_norm(F.gelu(self.mlm_dense(h)))
+        act = self.config.activation
+        h = self.mlm_dense(h)
+        h = F.gelu(h, approximate="tanh") if act in ("gelu_tanh", "swiglu") else F.relu(h) if act == "relu" else F.gelu(h)
+        return self.mlm_norm(h)
 
     def forward(self, idx, targets=None, attention_mask=None, token_type_ids=None):
         """Masked-LM. targets: (B, T) with the original ids at masked positions and -100 elsewhere.

@@ -188,12 +188,10 @@ class GPT(Transformer):
         if top_k is not None and top_k <= 0:
             raise ValueError(f"top_k must be positive, got {top_k}")
         block = self.config.block_size
-        if idx.shape[1] > block:
-            idx = idx[:, -block:]
         was_training = self.training
         self.eval()
         cache = self.new_kv_cache(idx.shape[0])
-        logits, _ = self(idx, kv_cache=cache)
+        logits, _ = self(idx[:, -block:], kv_cache=cache)  # a longer prompt is seen through its last window
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)

@@ -21,7 +21,7 @@ _IGNORED_SUFFIXES = (
 _T = "transpose"  # GPT-2 stores its linear layers as Conv1D: (in, out)
 
 
-def gpt2_name_map(n_layer: int, with_score: bool = False) -> dict[str, tuple[str, str]]:
+def gpt2_name_map(n_layer: int, with_score: bool = False, untied_head: bool = False) -> dict[str, tuple[str, str]]:
     """HF GPT-2 name (without the 'transformer.' prefix) -> (minillm name, transform)."""
     m = {"wte.weight": ("tok_emb.weight", ""), "wpe.weight": ("pos_emb.weight", ""),
          "ln_f.weight": ("norm_f.weight", ""), "ln_f.bias": ("norm_f.bias", "")}
@@ -35,10 +35,12 @@ def gpt2_name_map(n_layer: int, with_score: bool = False) -> dict[str, tuple[str
             m[f"{h}{hf}.bias"] = (f"{b}{ours}.bias", "")
     if with_score:
         m["score.weight"] = ("score.weight", "")
+    if untied_head:
+        m["lm_head.weight"] = ("lm_head.weight", "")
     return m
 
 
-def bert_name_map(n_layer: int) -> dict[str, tuple[str, str]]:
+def bert_name_map(n_layer: int, untied_head: bool = False) -> dict[str, tuple[str, str]]:
     """HF BERT name (without the 'bert.' prefix) -> (minillm name, transform)."""
     m = {
         "embeddings.word_embeddings.weight": ("tok_emb.weight", ""),
@@ -56,6 +58,8 @@ def bert_name_map(n_layer: int) -> dict[str, tuple[str, str]]:
         "classifier.weight": ("classifier.weight", ""),
         "classifier.bias": ("classifier.bias", ""),
     }
+    if untied_head:
+        m["cls.predictions.decoder.weight"] = ("mlm_decoder.weight", "")
     for i in range(n_layer):
         h, b = f"encoder.layer.{i}.", f"blocks.{i}."
         for hf, ours in [
@@ -132,7 +136,8 @@ def config_from_hf(hf: dict, path: str = "config.json") -> ModelConfig:
             norm_position="post", activation=act[hf.get("hidden_act", "gelu")],
             dropout=float(hf.get("hidden_dropout_prob", 0.0)),
             attn_dropout=float(hf.get("attention_probs_dropout_prob", 0.0)),
-            pad_token_id=int(hf.get("pad_token_id") or 0), tie_embeddings=True, num_labels=num_labels,
+            pad_token_id=int(hf.get("pad_token_id") or 0), tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+            num_labels=num_labels,
         )
     raise ValueError(f"{path}: model_type {kind!r} is neither 'gpt2' nor 'bert'")
 
@@ -185,12 +190,15 @@ def load_hf(directory: str, **overrides):
     sd = read_state_dict(directory)
     if config.arch == "gpt":
         sd = _strip(sd, "transformer.")
-        name_map, optional = gpt2_name_map(config.n_layer, with_score=True), _OPTIONAL_GPT
+        name_map = gpt2_name_map(config.n_layer, with_score=True, untied_head=not config.tie_embeddings)
+        optional = _OPTIONAL_GPT
         if config.tie_embeddings:
             sd.pop("lm_head.weight", None)
     else:
         sd = _strip(sd, "bert.")
-        name_map, optional = bert_name_map(config.n_layer), _OPTIONAL_BERT
+        name_map, optional = bert_name_map(config.n_layer, untied_head=not config.tie_embeddings), _OPTIONAL_BERT
+        if config.tie_embeddings:  # the decoder is the word-embedding matrix; a saved copy is redundant
+            sd.pop("cls.predictions.decoder.weight", None)
     model = build_model(config)
     missing_heads = _load_mapped(model, sd, name_map, optional, directory)
     model.hf_missing_heads = missing_heads
@@ -220,11 +228,16 @@ def _load_mapped(model, sd, name_map, optional, directory) -> list[str]:
                 continue
             with torch.no_grad():
                 ours[our_name].copy_(t)
+        hf_of = {(our, tr): hf for hf, (our, tr) in name_map.items() if tr in ("q", "k", "v")}
         for our_name, parts in qkv_parts.items():
-            t = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-            if t.shape != ours[our_name].shape:
-                bad_shapes.append(f"{our_name} from q/k/v {tuple(t.shape)} (expected {tuple(ours[our_name].shape)})")
+            want = ours[our_name].shape
+            part_shape = (want[0] // 3, *want[1:])
+            wrong = [f"{hf_of[(our_name, k)]} {tuple(t.shape)} (expected {part_shape})"
+                     for k, t in parts.items() if tuple(t.shape) != part_shape]
+            if wrong:
+                bad_shapes += wrong
                 continue
+            t = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
             with torch.no_grad():
                 ours[our_name].copy_(t)
     problems = []
@@ -280,14 +293,17 @@ def config_to_hf(config: ModelConfig, id2label: dict | None = None) -> dict:
                 "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "n_inner": c.inner,
                 "n_positions": c.block_size, "layer_norm_epsilon": c.norm_eps, "activation_function": act,
                 "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.attn_dropout,
-                "tie_word_embeddings": c.tie_embeddings, "pad_token_id": c.pad_token_id, **labels}
+                "tie_word_embeddings": c.tie_embeddings, "pad_token_id": c.pad_token_id,
+                **({"bos_token_id": 50256, "eos_token_id": 50256} if c.vocab_size == 50257 else
+                   {"bos_token_id": None, "eos_token_id": None}), **labels}
     arch = "BertForSequenceClassification" if c.num_labels else "BertForMaskedLM"
     return {"model_type": "bert", "architectures": [arch], "vocab_size": c.vocab_size,
             "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "hidden_size": c.n_embd,
             "intermediate_size": c.inner, "max_position_embeddings": c.block_size,
             "type_vocab_size": c.type_vocab_size, "layer_norm_eps": c.norm_eps, "hidden_act": act,
             "hidden_dropout_prob": c.dropout, "attention_probs_dropout_prob": c.attn_dropout,
-            "pad_token_id": c.pad_token_id, "position_embedding_type": "absolute", **labels}
+            "pad_token_id": c.pad_token_id, "position_embedding_type": "absolute",
+            "tie_word_embeddings": c.tie_embeddings, **labels}
 
 
 def save_hf(model, directory: str, id2label: dict | None = None) -> None:
@@ -308,7 +324,7 @@ def save_hf(model, directory: str, id2label: dict | None = None) -> None:
             out["lm_head.weight"] = ours["lm_head.weight"]
     else:
         d = c.n_embd
-        for hf_name, (our_name, tr) in bert_name_map(c.n_layer).items():
+        for hf_name, (our_name, tr) in bert_name_map(c.n_layer, untied_head=False).items():
             if hf_name.startswith("classifier.") and not c.num_labels:
                 continue
             if hf_name.startswith("cls.") and c.num_labels:
@@ -319,7 +335,8 @@ def save_hf(model, directory: str, id2label: dict | None = None) -> None:
             prefix = "" if hf_name.startswith(("cls.", "classifier.")) else "bert."
             out[prefix + hf_name] = t
         if not c.num_labels:
-            out["cls.predictions.decoder.weight"] = ours["tok_emb.weight"].clone()
+            out["cls.predictions.decoder.weight"] = ours["mlm_decoder.weight"].clone()
+            out["cls.predictions.decoder.bias"] = ours["mlm_decoder.bias"].clone()
     os.makedirs(directory, exist_ok=True)
     save_file(out, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:

@@ -10,16 +10,16 @@ Tolerance (FlashAttention's rule): for every checked tensor (out, lse, dq, dk, d
 where ref32 is `attention_reference` on the inputs upcast to float32 (gradients in float32 too),
 torch_lowp is the same math done by PyTorch in the input dtype (matmuls, softmax and autograd in
 float16 / bfloat16), and ulp(dtype) is the spacing of numbers at 1.0: 2**-10 for float16, 2**-7
-for bfloat16. For float32 inputs the kernels compute their matmuls in IEEE float32 (not tf32)
-on a GPU as well, so PyTorch's float32 error is ~1e-7 and eps = 1e-4 * max(1, max|ref32|) covers
-the different summation order; the same bound holds under the interpreter (exact fp32 dots) and
-on a GPU. Rows that see no key must give output 0, LSE -inf, and zero gradients: no NaN anywhere.
+for bfloat16. For float32 inputs the kernels' matmuls keep float32 accuracy on a GPU too (three
+TF32 passes, "tf32x3", error ~1e-6 relative; plain TF32 would not be held to this), so the
+bound is a fixed eps = 1e-4 * max(1, max|ref32|), which covers the different summation order
+and holds under the interpreter (exact fp32 dots) and on a GPU alike. Rows that see no key must give output 0, LSE -inf, and zero gradients: no NaN anywhere.
 """
 import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import kernels
@@ -137,19 +137,19 @@ def attention_cases(draw):
     return B, H, Hkv, Tq, Tk, D, dtype, causal, kv_lens, scale
 
 
-@settings(max_examples=10)
 @given(case=attention_cases(), seed=st.integers(0, 2**16))
 def test_matches_reference_hypothesis(case, seed):
     check(*case, seed=seed)
 
 
 @pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("D,causal", [(64, True), (128, False)])
-def test_gpu_default_tiles(monkeypatch, arch, D, causal):
+@pytest.mark.parametrize("D,dtype,causal", [(64, torch.float16, True), (128, torch.float16, False),
+                                            (64, torch.float32, True)])
+def test_gpu_default_tiles(monkeypatch, arch, D, dtype, causal):
     """The tile sizes a GPU launches (not the interpreter's small ones), with ragged lengths
     spanning several tiles, so the tile-skipping arithmetic of the real configs is checked."""
     monkeypatch.setattr(fa, "_arch", lambda t: arch)
-    check(1, 2, 1, 150, 200 if causal else 130, D, torch.float16, causal, [170] if causal else None)
+    check(1, 2, 1, 150, 200 if causal else 130, D, dtype, causal, [170] if causal else None)
 
 
 def test_lse_gradient():

@@ -223,11 +223,6 @@ def test_weights_from_pytorch_model_bin(gpt2_lm, tmp_path):
         assert max_diff(ours(ids)[0], hf(ids).logits) <= ATOL
 
 
-@pytest.mark.xfail(
-    reason="BUG: BERT.mlm_hidden always applies exact GELU, but HF's BertPredictionHeadTransform "
-    "uses config.hidden_act, so hidden_act='gelu_new' checkpoints give MLM logits off by ~4e-4",
-    strict=True,
-)
 def test_bert_masked_lm_with_tanh_gelu(tmp_path):
     torch.manual_seed(0)
     hf = perturb(BertForMaskedLM(bert_config(hidden_act="gelu_new")), 6)
@@ -237,11 +232,6 @@ def test_bert_masked_lm_with_tanh_gelu(tmp_path):
         assert max_diff(ours(ids, attention_mask=mask)[0], hf(ids, attention_mask=mask).logits) <= ATOL
 
 
-@pytest.mark.xfail(
-    reason="BUG: load_hf rejects an untied GPT-2 (tie_word_embeddings=false): lm_head.weight is "
-    "not in gpt2_name_map and is reported as an unexpected tensor",
-    strict=True,
-)
 def test_gpt2_with_untied_lm_head(tmp_path):
     torch.manual_seed(0)
     hf = perturb(GPT2LMHeadModel(gpt2_config(tie_word_embeddings=False)), 7)
@@ -370,12 +360,8 @@ def test_export_bert_classifier(tmp_path):
     [
         pytest.param(lambda: our_gpt(), id="gpt"),
         pytest.param(lambda: our_bert(num_labels=2), id="bert-classifier"),
-        pytest.param(lambda: our_bert(), id="bert-mlm", marks=pytest.mark.xfail(
-            reason="BUG: save_hf writes cls.predictions.decoder.weight, which load_hf then rejects as an "
-            "unexpected tensor (it is not in bert_name_map nor in _IGNORED_SUFFIXES)", strict=True)),
-        pytest.param(lambda: our_gpt(tie_embeddings=False), id="gpt-untied", marks=pytest.mark.xfail(
-            reason="BUG: save_hf writes lm_head.weight for an untied GPT, which load_hf rejects as an "
-            "unexpected tensor", strict=True)),
+        pytest.param(lambda: our_bert(), id="bert-mlm"),
+        pytest.param(lambda: our_gpt(tie_embeddings=False), id="gpt-untied"),
     ],
 )
 def test_save_hf_then_load_hf_round_trip(make, tmp_path):
@@ -393,11 +379,6 @@ def test_save_hf_then_load_hf_round_trip(make, tmp_path):
     assert max_diff(a, b, mask if a.dim() == 3 else None) <= ATOL
 
 
-@pytest.mark.xfail(
-    reason="BUG: save_hf writes a BERT with tie_embeddings=False with the *input* embeddings as "
-    "cls.predictions.decoder.weight and no tie_word_embeddings=false, so transformers' logits differ",
-    strict=True,
-)
 def test_export_untied_bert_mlm(tmp_path):
     ours = our_bert(tie_embeddings=False)
     assert ours.mlm_decoder.weight is not ours.tok_emb.weight
@@ -517,12 +498,6 @@ def test_misshaped_tensor_is_named(request, tmp_path, fixture, suffix, shape):
         load_hf(d)
 
 
-@pytest.mark.xfail(
-    reason="BUG: a mis-shaped BERT query/key/value tensor is reported under our fused name "
-    "(blocks.0.attn.qkv.weight), not the file's tensor name, and one with the wrong number of "
-    "columns makes torch.cat raise a RuntimeError instead of a ValueError",
-    strict=True,
-)
 @pytest.mark.parametrize("shape", [(33, 32), (32, 31)], ids=["rows", "columns"])
 def test_misshaped_bert_query_is_named(bert_base, tmp_path, shape):
     d = copy_dir(bert_base[1], tmp_path / "m")

@@ -268,11 +268,6 @@ def test_generate_eos_pads_finished_rows():
     assert torch.equal(out[1, 3 : 3 + n], row1[:n])
 
 
-@pytest.mark.xfail(
-    reason="BUG: GPT.generate crops a prompt longer than block_size (idx = idx[:, -block:]) and "
-    "returns the cropped sequence, so the result loses the prompt's beginning",
-    strict=True,
-)
 def test_generate_keeps_a_prompt_longer_than_block_size():
     model = tiny_gpt()
     prompt = torch.randint(0, V, (1, 20))

@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from minillm.mlp import MLP
@@ -72,10 +72,15 @@ def _module_outputs_and_grads(norm, x, g):
     return [y.detach().float(), x.grad.float()] + [p.grad.float() for p in params]
 
 
+# _ILL_CONDITIONED: LayerNorm over a handful of numbers is ill-conditioned. Over 1 or 2 it
+# outputs constants (0 or +-1), and over 3 close values its input gradient is a difference of
+# near-equal terms times 1/std, so rounding noise dominates (measured: 20x the 1e-5 tolerance
+# in 1 of ~4000 random cases at width 3, against at most 0.5x at width >= 7). Widths below 7
+# are tested for RMSNorm only.
 norm_cases = dict(
     kind=st.sampled_from(["layernorm", "rmsnorm"]),
     rows=st.sampled_from([(1,), (3,), (2, 5)]),
-    d=st.sampled_from([1, 2, 7, 32, 96]),
+    d=st.sampled_from([1, 2, 3, 7, 32, 96]),
     eps=st.sampled_from([1e-5, 1e-6, 1e-12, 1e-2]),
     bias=st.booleans(),
     offset=st.sampled_from([0.0, 3.0]),  # a large mean makes the centring matter
@@ -85,6 +90,7 @@ norm_cases = dict(
 
 @given(**norm_cases)
 def test_norm_matches_torch_float32(kind, rows, d, eps, bias, offset, seed):
+    assume(kind == "rmsnorm" or d >= 7)  # see _ILL_CONDITIONED
     gen = torch.Generator().manual_seed(seed)
     norm = _build(kind, d, eps, bias)
     _randomise(norm, gen)
@@ -99,6 +105,7 @@ def test_norm_matches_torch_float32(kind, rows, d, eps, bias, offset, seed):
 
 @given(**norm_cases)
 def test_norm_bfloat16_within_twice_torchs_error(kind, rows, d, eps, bias, offset, seed):
+    assume(kind == "rmsnorm" or d >= 7)  # see _ILL_CONDITIONED
     gen = torch.Generator().manual_seed(seed)
     norm = _build(kind, d, eps, bias)
     _randomise(norm, gen)

@@ -1,0 +1,351 @@
+"""Labelled examples for finetuning: TSV, CSV and JSONL readers, the label mapping, tokenising,
+and batches that are padded only as far as their longest member.
+
+    table = read_table("train.tsv")                      # columns, [(line number, {column: value})]
+    examples = to_examples(table, "sentence", "label")
+    labels = LabelMap.from_examples(examples, "train.tsv", "label")
+    encoded = encode_examples(tokenizer, examples, max_len=128)
+    batches = LengthBatches([len(ids) for ids, _ in encoded], batch_size=32, seed=0)
+    ids, types, mask = collate(encoded, batches.next(), pad_id=0)
+
+Length bucketing: each batch is drawn from a pool of examples sorted by length, so a batch of
+short sentences is not padded to the length of one long one (SST-2's median sentence is about
+10 tokens, its longest over 60). The pools are random and the batches are shuffled, so the
+order of training is still random.
+
+The same readers serve instruction tuning (--task lm with prompt/response JSONL): see
+`encode_instructions`.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+FORMATS = {".tsv": "tsv", ".tab": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+
+
+def file_format(path: str, fmt: Optional[str] = None) -> str:
+    if fmt:
+        if fmt not in ("tsv", "csv", "jsonl"):
+            raise ValueError(f"--format must be tsv, csv or jsonl, got {fmt!r}")
+        return fmt
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in FORMATS:
+        raise ValueError(f"{path}: cannot tell the format from the extension {ext or '(none)'!r}; "
+                         "use .tsv, .csv or .jsonl (or --format)")
+    return FORMATS[ext]
+
+
+def read_text(path: str) -> str:
+    """The file as text: UTF-8 with or without a byte-order mark; a bad byte is reported by line."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (bad byte at offset {e.start})") from None
+
+
+@dataclass
+class Table:
+    path: str
+    columns: list[str]
+    rows: list[tuple[int, dict]]  # (line number, {column: value}) for every non-empty row
+
+
+def read_table(path: str, fmt: Optional[str] = None) -> Table:
+    """A TSV or CSV file with a header row, or JSONL with one JSON object per line."""
+    fmt = file_format(path, fmt)
+    text = read_text(path)
+    return _read_jsonl(text, path) if fmt == "jsonl" else _read_delimited(text, path, fmt)
+
+
+def _read_delimited(text: str, path: str, fmt: str) -> Table:
+    dialect = "excel-tab" if fmt == "tsv" else "excel"
+    reader = csv.reader(io.StringIO(text, newline=""), dialect=dialect, strict=True)
+    header, rows, start = None, [], 1
+    try:
+        for record in reader:
+            line, start = start, reader.line_num + 1  # a quoted field may span lines
+            if not record or all(not f.strip() for f in record):
+                continue
+            if header is None:
+                header = [h.strip() for h in record]
+                if len(set(header)) != len(header):
+                    raise ValueError(f"{path}:{line}: the header names a column twice: {header}")
+                continue
+            if len(record) != len(header):
+                raise ValueError(f"{path}:{line}: expected {len(header)} {fmt.upper()} fields "
+                                 f"({', '.join(header)}), found {len(record)}")
+            rows.append((line, dict(zip(header, record))))
+    except csv.Error as e:
+        raise ValueError(f"{path}:{reader.line_num}: not valid {fmt.upper()} ({e})") from None
+    if header is None:
+        raise ValueError(f"{path}: the file is empty (a header row is needed)")
+    return Table(path, header, rows)
+
+
+def _read_jsonl(text: str, path: str) -> Table:
+    rows = []
+    for line, s in enumerate(text.splitlines(), start=1):
+        if not s.strip():
+            continue
+        try:
+            obj = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{line}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{line}: expected a JSON object, found {type(obj).__name__}")
+        rows.append((line, obj))
+    keys: list[str] = []
+    for _, obj in rows:
+        keys += [k for k in obj if k not in keys]
+    return Table(path, keys, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples and labels
+
+
+@dataclass
+class Example:
+    text: str
+    text_pair: Optional[str]
+    label: Optional[str]
+    line: int
+
+
+def _field(row: dict, col: str, path: str, line: int, what: str) -> str:
+    if col not in row:
+        raise ValueError(f"{path}:{line}: the row has no {what} '{col}'")
+    v = row[col]
+    if v is None or isinstance(v, (dict, list)):
+        raise ValueError(f"{path}:{line}: {what} '{col}' holds {json.dumps(v)}, not a value")
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def to_examples(table: Table, text_col: str, label_col: Optional[str] = None,
+                text_pair_col: Optional[str] = None) -> list[Example]:
+    """Rows -> Examples. A missing column is named with the columns the file has."""
+    path, rows, cols = table.path, table.rows, table.columns
+    if not rows:
+        raise ValueError(f"{path}: holds no examples")
+    for col, what in ((text_col, "text column"), (text_pair_col, "second text column"), (label_col, "label column")):
+        if col is not None and col not in cols:
+            raise ValueError(f"{path}: no {what} '{col}' (the columns are: {', '.join(cols)})")
+    out = []
+    for line, row in rows:
+        text = _field(row, text_col, path, line, "text column")
+        if not text.strip():
+            raise ValueError(f"{path}:{line}: the text column '{text_col}' is empty")
+        pair = _field(row, text_pair_col, path, line, "second text column") if text_pair_col else None
+        label = None
+        if label_col is not None:
+            label = _field(row, label_col, path, line, "label column").strip()
+            if not label:
+                raise ValueError(f"{path}:{line}: the label column '{label_col}' is empty")
+        out.append(Example(text, pair, label, line))
+    return out
+
+
+def _as_int(s: str) -> Optional[int]:
+    try:
+        return int(s)
+    except ValueError:
+        return None
+
+
+class LabelMap:
+    """Label names <-> class ids. Integer labels keep their numeric order (0, 1, 2, ..., 10),
+    string labels are sorted, so the mapping does not depend on the order of the rows."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = [str(n) for n in names]
+        self.ids = {n: i for i, n in enumerate(self.names)}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @classmethod
+    def from_examples(cls, examples: list[Example], path: str, label_col: str) -> "LabelMap":
+        found = sorted({e.label for e in examples})
+        if len(found) < 2:
+            raise ValueError(f"{path}: the label column '{label_col}' holds a single class "
+                             f"({found[0]!r}); classification needs at least two")
+        if all(_as_int(s) is not None for s in found):
+            found.sort(key=int)
+        return cls(found)
+
+    def encode(self, examples: list[Example], path: str) -> list[int]:
+        out = []
+        for e in examples:
+            if e.label not in self.ids:
+                raise ValueError(f"{path}:{e.line}: label {e.label!r} does not occur in the training data "
+                                 f"(labels: {', '.join(self.names)})")
+            out.append(self.ids[e.label])
+        return out
+
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.names))
+
+
+def class_weights(labels: Sequence[int], n_classes: int) -> torch.Tensor:
+    """'balanced' weights, n / (k * count_c): each class contributes equally to the loss."""
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=n_classes).float()
+    return counts.sum() / (n_classes * counts.clamp(min=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenising
+
+
+def encode_examples(tokenizer, examples: Sequence[Example], max_len: int) -> list[tuple[list[int], list[int]]]:
+    """[(ids, token type ids)] with the tokenizer's own template ([CLS] a [SEP] b [SEP] for BERT).
+    A tokenizer without a template (character-level, our BPE) joins a pair with its [SEP] or eos."""
+    texts = [e.text for e in examples]
+    pairs = [e.text_pair for e in examples]
+    if hasattr(tokenizer, "tok"):  # a `tokenizers` tokenizer: encode in one parallel batch
+        inputs = [(a, b) if b is not None else a for a, b in zip(texts, pairs)]
+        encs = tokenizer.tok.encode_batch(inputs)
+        raw = [(e.ids, e.type_ids) for e in encs]
+    else:
+        raw = []
+        sep = tokenizer.sep_id if tokenizer.sep_id is not None else tokenizer.eos_id
+        for a, b in zip(texts, pairs):
+            ids = tokenizer.encode(a)
+            types = [0] * len(ids)
+            if b is not None:
+                second = ([sep] if sep is not None else []) + tokenizer.encode(b)
+                ids, types = ids + second, types + [1] * len(second)
+            raw.append((ids, types))
+    sep_id = tokenizer.sep_id
+    out = []
+    for ids, types in raw:
+        if len(ids) > max_len:  # truncate, keeping a final [SEP] where there is one
+            keep = sep_id is not None and ids[-1] == sep_id
+            ids = ids[: max_len - 1] + [ids[-1]] if keep else ids[:max_len]
+            types = types[: max_len - 1] + [types[-1]] if keep else types[:max_len]
+        if not ids:
+            ids, types = [tokenizer.pad_id or 0], [0]
+        out.append((list(ids), list(types)))
+    return out
+
+
+def encode_instructions(tokenizer, table: Table, max_len: int, prompt_col: str = "prompt",
+                        response_col: str = "response"):
+    """Prompt/response pairs for supervised finetuning of a causal LM: [(ids, targets)], the
+    targets -100 on the prompt so that only the response (and its end token) is learned.
+    targets[i] is the token that follows ids[i]."""
+    path, out = table.path, []
+    if not table.rows:
+        raise ValueError(f"{path}: holds no examples")
+    for line, row in table.rows:
+        prompt = _field(row, prompt_col, path, line, "prompt column")
+        response = _field(row, response_col, path, line, "response column")
+        p, r = tokenizer.encode(prompt), tokenizer.encode(response)
+        if tokenizer.eos_id is not None:
+            r = r + [tokenizer.eos_id]
+        if not r:
+            raise ValueError(f"{path}:{line}: the response is empty")
+        if len(p) + len(r) < 2:
+            raise ValueError(f"{path}:{line}: prompt and response hold fewer than two tokens")
+        seq = (p + r)[: max_len + 1]
+        if len(seq) <= max(len(p), 1):
+            raise ValueError(f"{path}:{line}: the prompt fills the whole context of {max_len} tokens; "
+                             "no response token is left to learn")
+        # position i predicts seq[i + 1]; only predictions of response tokens count
+        targets = [seq[i + 1] if i + 1 >= len(p) else -100 for i in range(len(seq) - 1)]
+        out.append((seq[:-1], targets))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+class LengthBatches:
+    """An endless stream of random batches (lists of example indices), epoch after epoch.
+
+    With bucket=True each pool of `pool * batch_size` shuffled examples is sorted by length
+    and cut into batches, and the batches are shuffled: little padding, random order.
+    Checkpointable: the generator's state at the start of the epoch and the position in it.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, bucket: bool = True, pool: int = 50):
+        if not len(lengths):
+            raise ValueError("no examples to draw batches from")
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.bucket, self.pool = batch_size, bucket, pool
+        self.gen = torch.Generator().manual_seed(seed)
+        self.epoch = 0
+        self._start_epoch()
+
+    def _start_epoch(self) -> None:
+        self.epoch_state = self.gen.get_state()
+        perm = torch.randperm(len(self.lengths), generator=self.gen).numpy()
+        bs = self.batch_size
+        if not self.bucket:
+            self.order = [perm[i : i + bs] for i in range(0, len(perm), bs)]
+        else:
+            batches = []
+            chunk = bs * self.pool
+            for i in range(0, len(perm), chunk):
+                part = perm[i : i + chunk]
+                part = part[np.argsort(self.lengths[part], kind="stable")]
+                batches += [part[j : j + bs] for j in range(0, len(part), bs)]
+            shuffle = torch.randperm(len(batches), generator=self.gen).numpy()
+            self.order = [batches[k] for k in shuffle]
+        self.pos = 0
+
+    def next(self) -> np.ndarray:
+        if self.pos >= len(self.order):
+            self.epoch += 1
+            self._start_epoch()
+        batch = self.order[self.pos]
+        self.pos += 1
+        return batch
+
+    def state(self) -> dict:
+        return {"epoch_gen": self.epoch_state, "pos": self.pos, "epoch": self.epoch}
+
+    def load_state(self, st: dict) -> None:
+        self.gen.set_state(st["epoch_gen"])
+        self.epoch = int(st["epoch"])
+        self._start_epoch()
+        self.pos = int(st["pos"])
+
+
+def eval_order(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
+    """Evaluation batches sorted by length (least padding); the caller puts results back in place."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def collate(seqs: Sequence[tuple[list[int], list[int]]], indices, pad_id: int, pad_second: int = 0):
+    """(ids, second, mask), each (B, T) int64, right-padded to the longest sequence of the batch.
+    `second` is the token type ids of classification pairs, or the targets of an LM example
+    (then pad_second=-100 so padding is never learned)."""
+    indices = list(indices)
+    t = max(len(seqs[i][0]) for i in indices)
+    ids = np.full((len(indices), t), pad_id, dtype=np.int64)
+    second = np.full((len(indices), t), pad_second, dtype=np.int64)
+    mask = np.zeros((len(indices), t), dtype=np.int64)
+    for row, i in enumerate(indices):
+        a, b = seqs[i]
+        ids[row, : len(a)] = a
+        second[row, : len(b)] = b
+        mask[row, : len(a)] = 1
+    return torch.from_numpy(ids), torch.from_numpy(second), torch.from_numpy(mask)
