@@ -31,13 +31,13 @@ import argparse
 import importlib
 import inspect
 import json
+import multiprocessing
 import os
 import pkgutil
 import re
 import subprocess
 import sys
 import tempfile
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -71,7 +71,8 @@ class ReportRow:
 
     @property
     def ok(self) -> bool:
-        return (not self.error and self.spill_bytes == 0 and self.spill_ops == 0 and self.shared_bytes <= self.shared_limit
+        return (not self.error and self.spill_bytes == 0 and self.spill_ops == 0
+                and self.shared_bytes <= self.shared_limit
                 and (self.tensor_core_ops > 0 or not self.uses_dot))
 
 
@@ -181,16 +182,20 @@ def analyse(module_name: str, spec: CompileSpec, arch: int) -> ReportRow:
             with open(path, "wb") as f:
                 f.write(compiled.asm["cubin"])
             usage = _resource_usage(path)
-            sass = _sass(path)
+            spill_bytes = usage["LOCAL"] + usage["STACK"]
+            # Disassembly is the slow step (about a second a kernel); it is only needed to look
+            # for tensor-core instructions, or for STL/LDL when there is local memory at all.
+            sass = _sass(path) if row["uses_dot"] or spill_bytes else ""
     except Exception as e:  # a kernel that does not compile is a finding, not a crash
-        return ReportRow(**row, registers=-1, spill_bytes=-1, spill_ops=-1, shared_static=-1, shared_dynamic=-1,
-                         shared_bytes=-1, tensor_core_ops=0,
-                         error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        return ReportRow(**row, registers=-1, spill_bytes=-1, spill_ops=-1, shared_static=-1,
+                         shared_dynamic=-1, shared_bytes=-1, tensor_core_ops=0,
+                         error=f"{type(e).__name__}: {first_line}")
     op = TENSOR_CORE_OP[arch]
     mma = len(re.findall(rf"\b{op}\.", sass))
     dynamic = int(compiled.metadata.shared)
     spill_ops = len(re.findall(r"\b(?:STL|LDL)(?:\.|\s)", sass))
-    return ReportRow(**row, registers=usage["REG"], spill_bytes=usage["LOCAL"] + usage["STACK"],
+    return ReportRow(**row, registers=usage["REG"], spill_bytes=spill_bytes,
                      spill_ops=spill_ops,
                      shared_static=usage["SHARED"], shared_dynamic=dynamic,
                      shared_bytes=usage["SHARED"] + dynamic, tensor_core_ops=mma)
