@@ -17,12 +17,11 @@ import torch.nn.functional as F
 
 from kernels import CompileSpec, tl, triton, triton_usable
 
-_SQRT_2_OVER_PI = 0.7978845608028654
-_COEF = 0.044715
 BLOCK_SIZE = 1024
 NUM_WARPS = 4
 
 
+# In the kernels: 0.7978845608028654 = sqrt(2 / pi), 0.044715 the tanh approximation's cubic term.
 @triton.jit
 def _gelu_fwd_kernel(X, Y, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

@@ -66,7 +66,7 @@ def _rms_norm_bwd_kernel(
         c = tl.sum(xhat * wdy, axis=0) / N
         dx = (wdy - xhat * c) * rstd
         tl.store(dx_ptr + cols, dx.to(DX.dtype.element_ty), mask=mask)
-        dw += dy * x
+        dw += dy * xhat
         db += dy
         x_ptr += stride_x
         dy_ptr += stride_dy

@@ -5,8 +5,8 @@ path (interpreter): the loss agrees with the plain float32 path to 1e-5 (absolut
 relative); the gradients of hidden, weight and bias are within 1e-5 of the float64 plain
 path, plus twice the plain float32 path's own error where that is larger (with few tokens
 and a 50257-wide softmax, torch's float32 dlogits are off by ~5e-6 themselves, and ours,
-which subtract the one-hot from exp(x - lse) directly, are closer to float64 than that). bfloat16: the logits and all matmuls
-are bf16 on both sides, so we compare with the plain path run in bf16 and against the
+which subtract the one-hot from exp(x - lse) directly, are closer to float64 than that).
+bfloat16: the logits and all matmuls are bf16 on both sides, so ours is held against the
 float32 plain path with a bound of twice the bf16 plain path's own error plus
 atol + rtol * max|reference| = 1e-3 + 8e-3 * max|reference|.
 """
