@@ -188,7 +188,8 @@ def classification_task(args, opts, model, tokenizer, device, saved):
     def get_batch():
         idx = batches.next()
         ids, types, mask = collate(train_enc, idx, pad)
-        return ids.to(device), types.to(device), mask.to(device), y_train_t[idx].to(device)
+        mask = None if bool(mask.all()) else mask.to(device)  # no padding: attention needs no mask
+        return ids.to(device), types.to(device), mask, y_train_t[idx].to(device)
 
     def loss_fn(m, b):
         ids, types, mask, y = b

@@ -244,10 +244,11 @@ def main(argv=None) -> int:
     if args.resume:
         trainer.resume(existing)
         log(f"resumed {out} at step {trainer.step}")
-    elif existing:
-        log(f"{out} holds an earlier run of the same shape: starting afresh and replacing it")
+    else:  # a fresh run; an earlier one's outputs (even one killed before its first checkpoint) go
+        if existing:
+            log(f"{out} holds an earlier run of the same shape: starting afresh and replacing it")
         for name in ("metrics.jsonl", "summary.json", "loss.png"):
-            if os.path.exists(os.path.join(out, name)):
+            if rank == 0 and os.path.exists(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
 
     n_params = sum(p.numel() for p in model.parameters())

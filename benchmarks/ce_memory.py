@@ -83,6 +83,9 @@ def _child_model(args) -> None:
     config = ModelConfig(vocab_size=args.vocab, n_layer=12, n_head=12, n_embd=args.hidden, block_size=block,
                          attention_backend="sdpa", chunked_ce=args.variant == "chunked")
     model = GPT(config)
+    # Recomputing each block's activations in backward leaves the logits as the step's largest buffer.
+    model.gradient_checkpointing = args.activation_checkpointing
+    model.train()
     g = torch.Generator().manual_seed(1)
     idx = torch.randint(0, args.vocab, (args.tokens // block, block), generator=g)
     targets = torch.randint(0, args.vocab, idx.shape, generator=g)
@@ -108,6 +111,8 @@ def _run_variant(args, variant: str, save: str) -> dict:
         cmd += ["--chunk-size", str(args.chunk_size)]
     if args.model:
         cmd += ["--model"]
+    if args.activation_checkpointing:
+        cmd += ["--activation-checkpointing"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -121,6 +126,8 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: automatic)")
     p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 8))
     p.add_argument("--model", action="store_true", help="measure the whole GPT-2 small step via minillm")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="with --model: recompute block activations in backward (both variants)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -136,6 +143,8 @@ def main(argv=None) -> int:
 
     chunk = args.chunk_size or default_chunk_size(args.tokens, args.vocab)
     what = "GPT-2 small (minillm.GPT), whole step" if args.model else "LM head + cross-entropy"
+    if args.model and args.activation_checkpointing:
+        what += " with activation checkpointing"
     print(f"{what}, one forward+backward on the CPU, float32: tokens={args.tokens}, "
           f"hidden={args.hidden}, vocab={args.vocab}, chunk={chunk} tokens, threads={args.threads}")
     print("peak = rise in the process's max RSS over its inputs (fresh process per variant)")

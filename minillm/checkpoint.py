@@ -46,12 +46,16 @@ def _write_json(path: str, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
+def _fsync_file(path: str) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 def _save_tensors(tensors: dict, path: str, metadata: Optional[dict] = None) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata=metadata)
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+    _fsync_file(path)
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -118,7 +122,9 @@ def save_checkpoint(out_dir: str, model, config: ModelConfig, tokenizer=None, op
                       metadata={"format": "pt"})
         _write_json(os.path.join(tmp, "config.json"), {"model": config.to_dict(), **(extra_config or {})})
         if tokenizer is not None:
-            tokenizer.save(tmp)
+            tok_path = tokenizer.save(tmp)
+            if tok_path:
+                _fsync_file(tok_path)
         if optimizer is not None:
             opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
             _save_tensors(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
@@ -126,20 +132,28 @@ def save_checkpoint(out_dir: str, model, config: ModelConfig, tokenizer=None, op
         if trainer_state is not None:
             _write_json(os.path.join(tmp, "trainer_state.json"), trainer_state)
         _fsync_dir(tmp)
-        # Swap: the old checkpoint becomes <name>.old until the new one is in place.
+        # Swap: the old checkpoint becomes <name>.old until the new one is in place. A folder
+        # on its way out is first renamed to a temporary name, so <name> and <name>.old are
+        # always complete whenever they exist (never half deleted).
         old = final + ".old"
         if os.path.exists(final):
             if os.path.exists(old):
-                shutil.rmtree(old)
+                _discard(old, tmp + "-stale")
             os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(out_dir)
         if os.path.exists(old):
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old, tmp + "-old")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _discard(path: str, trash: str) -> None:
+    """Rename, then delete: a crash in between leaves a temporary folder that the next save clears."""
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def find_checkpoint(path: str, name: str = CKPT) -> Optional[str]:
@@ -164,6 +178,10 @@ def read_config(ckpt: str) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
         raise ValueError(f"{path}: not a minillm checkpoint config (no 'model' section)")
+    try:  # absurd or mistyped sizes are refused here, before anything is allocated
+        ModelConfig.from_dict(cfg["model"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
     return cfg
 
 
@@ -223,11 +241,10 @@ def load_model(path: str, **overrides):
     config = ModelConfig.from_dict(cfg["model"])
     if overrides:
         config = config.replace(**overrides)
+    tensors = read_tensors(os.path.join(ckpt, "model.safetensors"))  # a damaged file fails before the model is built
     model = build_model(config)
-    load_weights(model, read_tensors(os.path.join(ckpt, "model.safetensors")), ckpt)
-    tokenizer = None
-    try:
-        tokenizer = load_tokenizer(ckpt)
-    except ValueError:
-        tokenizer = None
+    load_weights(model, tensors, ckpt)
+    # no tokenizer file: None; a damaged one is an error, not silently dropped
+    has_tokenizer = any(os.path.exists(os.path.join(ckpt, n)) for n in ("char_tokenizer.json", "tokenizer.json", "vocab.txt"))
+    tokenizer = load_tokenizer(ckpt) if has_tokenizer else None
     return model, tokenizer, cfg

@@ -248,24 +248,26 @@ def encode_instructions(tokenizer, table: Table, max_len: int, prompt_col: str =
                         response_col: str = "response"):
     """Prompt/response pairs for supervised finetuning of a causal LM: [(ids, targets)], the
     targets -100 on the prompt so that only the response (and its end token) is learned.
-    targets[i] is the token that follows ids[i]."""
+    targets[i] is the token that follows ids[i]. A pair longer than max_len + 1 tokens loses the
+    start of its prompt (and, if the response alone is too long, the end of the response)."""
     path, out = table.path, []
     if not table.rows:
         raise ValueError(f"{path}: holds no examples")
     for line, row in table.rows:
         prompt = _field(row, prompt_col, path, line, "prompt column")
         response = _field(row, response_col, path, line, "response column")
+        if not response.strip():
+            raise ValueError(f"{path}:{line}: the response is empty")
         p, r = tokenizer.encode(prompt), tokenizer.encode(response)
         if tokenizer.eos_id is not None:
             r = r + [tokenizer.eos_id]
-        if not r:
-            raise ValueError(f"{path}:{line}: the response is empty")
         if len(p) + len(r) < 2:
             raise ValueError(f"{path}:{line}: prompt and response hold fewer than two tokens")
-        seq = (p + r)[: max_len + 1]
-        if len(seq) <= max(len(p), 1):
-            raise ValueError(f"{path}:{line}: the prompt fills the whole context of {max_len} tokens; "
-                             "no response token is left to learn")
+        # too long for the context: the response keeps its start, the prompt its end (nearest the response)
+        budget = max_len + 1
+        r = r[: budget - 1] if p else r[:budget]
+        p = p[max(0, len(p) - (budget - len(r))):]
+        seq = p + r
         # position i predicts seq[i + 1]; only predictions of response tokens count
         targets = [seq[i + 1] if i + 1 >= len(p) else -100 for i in range(len(seq) - 1)]
         out.append((seq[:-1], targets))

@@ -18,6 +18,12 @@ POOLINGS = ("cls", "mean", "last")
 MAX_PARAMS = 20_000_000_000
 
 
+def _show(value) -> str:
+    """A value for an error message, cut short: a hostile config.json may hold a huge string."""
+    r = repr(value)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
 @dataclass
 class ModelConfig:
     arch: str = "gpt"  # "gpt": decoder-only causal LM; "bert": bidirectional encoder
@@ -68,7 +74,7 @@ class ModelConfig:
         def choice(name, options):
             value = getattr(self, name)
             if value not in options:
-                raise ValueError(f"config.{name}={value!r} is not one of {list(options)}")
+                raise ValueError(f"config.{name}={_show(value)} is not one of {list(options)}")
 
         choice("arch", ARCHS)
         choice("pos_encoding", POS_ENCODINGS)
@@ -77,10 +83,28 @@ class ModelConfig:
         choice("attention_backend", BACKENDS)
         choice("norm_position", ("pre", "post"))
         choice("classifier_pooling", POOLINGS)
-        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
+        # Types first: a hostile config.json could put a string where a size belongs.
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "type_vocab_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
+            if not is_int(value) or value <= 0:
+                raise ValueError(f"config.{name} must be a positive integer, got {_show(value)}")
+        for name in ("n_kv_head", "n_inner"):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or value <= 0):
+                raise ValueError(f"config.{name}={_show(value)} must be a positive integer or null")
+        for name in ("pad_token_id", "num_labels"):
+            if not is_int(getattr(self, name)):
+                raise ValueError(f"config.{name} must be an integer, got {_show(getattr(self, name))}")
+        for name in ("rope_base", "norm_eps", "dropout", "attn_dropout", "init_std"):
+            value = getattr(self, name)
+            if not (is_int(value) or isinstance(value, float)) or not -1e300 < value < 1e300:  # no inf, nan
+                raise ValueError(f"config.{name} must be a finite number, got {_show(value)}")
+        for name in ("bias", "tie_embeddings", "use_kernels", "chunked_ce"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"config.{name} must be true or false, got {_show(getattr(self, name))}")
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"n_head={self.n_head} does not divide n_embd={self.n_embd}: "
@@ -97,9 +121,10 @@ class ModelConfig:
                 raise ValueError(f"config.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.num_labels < 0:
             raise ValueError(f"config.num_labels must be >= 0, got {self.num_labels}")
-        if self.approx_params() > MAX_PARAMS:
+        n_params = self.approx_params()
+        if n_params > MAX_PARAMS:
             raise ValueError(
-                f"config asks for about {self.approx_params():.3g} parameters, "
+                f"config asks for about {n_params if n_params < 1e300 else float('inf'):.3g} parameters, "
                 f"more than the {MAX_PARAMS:.0e} this framework will allocate"
             )
 
@@ -110,7 +135,9 @@ class ModelConfig:
         attn = c * (c + 2 * kv) + c * c
         mlp = c * inner * (3 if self.activation == "swiglu" else 2)
         emb = self.vocab_size * c + (self.block_size * c if self.pos_encoding == "learned" else 0)
-        return int(emb + self.n_layer * (attn + mlp + 4 * c))
+        emb += self.type_vocab_size * c if self.arch == "bert" else 0
+        head = self.num_labels * c
+        return int(emb + self.n_layer * (attn + mlp + 4 * c) + head)
 
     def replace(self, **overrides) -> "ModelConfig":
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}

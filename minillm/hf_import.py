@@ -184,7 +184,11 @@ def load_hf(directory: str, **overrides):
     if not os.path.isdir(directory):
         raise ValueError(f"{directory}: not a directory")
     cfg_path = os.path.join(directory, "config.json")
-    config = config_from_hf(_read_json(cfg_path), cfg_path)
+    try:
+        config = config_from_hf(_read_json(cfg_path), cfg_path)
+    except (TypeError, ValueError) as e:  # e.g. a list where a number belongs: name the file
+        msg = str(e)
+        raise ValueError(msg if msg.startswith(cfg_path) else f"{cfg_path}: {msg}") from None
     if overrides:
         config = config.replace(**overrides)
     sd = read_state_dict(directory)

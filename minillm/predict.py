@@ -146,9 +146,7 @@ def load_finetuned(path: str, base: Optional[str] = None, **overrides):
 
 
 def classify_logits(model, ids, types, mask):
-    """(B, num_labels) logits. A batch without padding runs without a mask (faster attention)."""
-    if mask is not None and bool(mask.all()):
-        mask = None
+    """(B, num_labels) logits. mask: (B, T), 1 at real tokens, or None when nothing is padded."""
     if model.config.arch == "bert":
         logits, _ = model.classify(ids, mask, None, types)
     else:
@@ -169,7 +167,8 @@ def predict_logits(model, encoded: Sequence[tuple[list[int], list[int]]], pad_id
     out = [None] * len(encoded)
     for idx in eval_order([len(ids) for ids, _ in encoded], batch_size):
         ids, types, mask = collate(encoded, idx, pad_id)
-        logits = classify_logits(model, ids.to(device), types.to(device), mask.to(device)).float().cpu()
+        mask = None if bool(mask.all()) else mask.to(device)  # no padding: attention needs no mask
+        logits = classify_logits(model, ids.to(device), types.to(device), mask).float().cpu()
         for row, i in enumerate(idx):
             out[i] = logits[row]
     model.train(was_training)
@@ -246,11 +245,16 @@ def load_quantized(config: ModelConfig, tensors: dict, source: str) -> nn.Module
             dequant = (q.float() - zp[:, None].float()) * scale[:, None]
             qw = torch.quantize_per_channel(dequant, scale.double(), zp, 0, torch.qint8)
             m.set_weight_bias(qw, tensors.pop(f"{name}.bias", None))
-    own = {k for k, v in qmodel.state_dict().items() if isinstance(v, torch.Tensor)}
+    # the float rest (embeddings, norms, unquantised heads), copied in place: load_state_dict would
+    # also ask the int8 layers for their packed weights, which were set above
+    own = {**dict(qmodel.named_parameters()), **dict(qmodel.named_buffers())}
     unexpected = [k for k in tensors if k not in own]
-    if unexpected:
-        raise ValueError(f"{source}: unexpected tensors in the int8 checkpoint: {', '.join(unexpected[:5])}")
-    qmodel.load_state_dict(tensors, strict=False)
+    mis_shaped = [k for k, v in tensors.items() if k in own and own[k].shape != v.shape]
+    if unexpected or mis_shaped:
+        raise ValueError(f"{source}: tensors that do not fit the int8 model: {', '.join((unexpected + mis_shaped)[:5])}")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            own[k].copy_(v)
     return qmodel.eval()
 
 

@@ -39,7 +39,8 @@ class CharTokenizer:
 
     @classmethod
     def train(cls, text: str, byte_fallback: bool = True) -> "CharTokenizer":
-        return cls(set(text), byte_fallback)
+        # lone surrogates cannot be written to a UTF-8 file: they are spelled in bytes instead
+        return cls({c for c in text if not "\ud800" <= c <= "\udfff"}, byte_fallback)
 
     def encode(self, text: str) -> list[int]:
         stoi, out = self.stoi, []
@@ -172,7 +173,7 @@ def load_tokenizer(path: str):
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)
             return CharTokenizer(d["chars"], d.get("byte_fallback", True))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON, bad UTF-8, wrong shape
             raise ValueError(f"{path}: not a valid character tokenizer ({e})") from None
     if name.endswith(".txt"):
         from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors

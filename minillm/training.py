@@ -56,7 +56,7 @@ class TrainSettings:
 
     def validate(self) -> None:
         checks = [
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be positive and finite, got {self.lr}"),
             (0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}"),
             (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
             (self.max_steps > 0, f"--max-steps must be positive, got {self.max_steps}"),
@@ -240,20 +240,26 @@ class Trainer:
         try:
             with open(state_path, encoding="utf-8") as f:
                 st = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # missing, not JSON, not UTF-8
             raise ValueError(f"{state_path}: cannot resume from it ({e})") from None
         opt_path = os.path.join(found, "optimizer.safetensors")
-        if os.path.exists(opt_path) and "optimizer" in st:
-            ckpt_io.optimizer_from_tensors(self.optimizer, ckpt_io.read_tensors(opt_path), st["optimizer"])
-        self.step, self.elapsed = int(st["step"]), float(st["elapsed"])
-        self.items_seen, self.skips = int(st.get("items_seen", 0)), int(st.get("skips", 0))
-        torch.set_rng_state(ckpt_io.rng_from_json(st["torch_rng"]))
-        random.setstate(_literal(st["python_rng"]))
-        if st.get("scaler"):
-            self.scaler.load_state_dict(st["scaler"])
-        if self.load_data_state is not None and "data" in st:
-            self.load_data_state({k: (ckpt_io.rng_from_json(v) if isinstance(v, str) else v)
-                                  for k, v in st["data"].items()})
+        opt_tensors = ckpt_io.read_tensors(opt_path) if os.path.exists(opt_path) else None
+        try:  # a damaged or foreign trainer_state.json is one clear error, not a traceback
+            if not isinstance(st, dict):
+                raise TypeError(f"expected a JSON object, got {type(st).__name__}")
+            if opt_tensors is not None and "optimizer" in st:
+                ckpt_io.optimizer_from_tensors(self.optimizer, opt_tensors, st["optimizer"])
+            self.step, self.elapsed = int(st["step"]), float(st["elapsed"])
+            self.items_seen, self.skips = int(st.get("items_seen", 0)), int(st.get("skips", 0))
+            torch.set_rng_state(ckpt_io.rng_from_json(st["torch_rng"]))
+            random.setstate(_literal(st["python_rng"]))
+            if st.get("scaler"):
+                self.scaler.load_state_dict(st["scaler"])
+            if self.load_data_state is not None and "data" in st:
+                self.load_data_state({k: (ckpt_io.rng_from_json(v) if isinstance(v, str) else v)
+                                      for k, v in st["data"].items()})
+        except (KeyError, TypeError, ValueError, RuntimeError, SyntaxError, RecursionError, AttributeError) as e:
+            raise ValueError(f"{state_path}: cannot resume from it ({type(e).__name__}: {e})") from None
         self._truncate_metrics()
         return True
 
@@ -263,16 +269,16 @@ class Trainer:
         if not self.is_main or not os.path.exists(path):
             return
         keep = []
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 try:
-                    if json.loads(line)["step"] <= self.step:
-                        keep.append(line)
-                except (json.JSONDecodeError, KeyError):
+                    row = json.loads(line)
+                    if row["step"] <= self.step:
+                        keep.append(row)
+                except (json.JSONDecodeError, KeyError, TypeError):
                     pass  # a line cut short by a crash
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(keep)
-        self.history = [json.loads(x) for x in keep]
+        self.history = keep
+        self._rewrite_metrics()
 
     def write_metrics(self, row: dict) -> None:
         self.history.append(row)
@@ -328,12 +334,12 @@ class Trainer:
             self.scaler.update()
         if not finite:
             self.skips += 1
-            self.log(f"step {self.step}: non-finite loss or gradients (loss {mean_loss}); step skipped "
+            self.log(f"step {self.step + 1}: non-finite loss or gradients (loss {mean_loss}); step skipped "
                      f"({self.skips}/{s.max_skips} skips allowed)")
             if self.skips > s.max_skips and not self.scaler.is_enabled():
                 self.optimizer.zero_grad(set_to_none=True)
                 raise TrainingStopped(
-                    f"stopped at step {self.step}: {self.skips} non-finite steps exceed --max-skips {s.max_skips}; "
+                    f"stopped at step {self.step + 1}: {self.skips} non-finite steps exceed --max-skips {s.max_skips}; "
                     f"the last good checkpoint in {self.out} is kept"
                 )
         self.optimizer.zero_grad(set_to_none=True)
@@ -424,9 +430,14 @@ class Trainer:
         return summary
 
     def _rewrite_metrics(self) -> None:
-        with open(os.path.join(self.out, "metrics.jsonl"), "w", encoding="utf-8") as f:
+        """Atomically: a crash while rewriting must not lose the curve."""
+        path = os.path.join(self.out, "metrics.jsonl")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
             for row in self.history:
                 f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
 
 
 def _literal(s: str):
