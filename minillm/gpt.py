@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import KVCache
 from .block import Block
 from .config import ModelConfig
+from .fused_ops import fused_op
 from .norms import make_norm
 from .positional import (
     LearnedPositionalEmbedding,
@@ -148,8 +149,11 @@ class GPT(Transformer):
             loss = lm_loss(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1), chunked=True)
             return None, loss
         logits = self.lm_head(h)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        flat, t = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+        fused = fused_op("cross_entropy", "cross_entropy", flat, enabled=self.config.use_kernels)
+        if fused is not None:  # Triton: loss and dlogits in one pass, no softmax tensor
+            return logits, fused(flat, t, ignore_index=-100)
+        return logits, F.cross_entropy(flat.float(), t, ignore_index=-100)
 
     def classify(self, idx, attention_mask=None, labels=None):
         """Sequence classification from the hidden state of the last real token."""
