@@ -94,9 +94,3 @@ class BERT(Transformer):
         logits = self.classifier(self.cls_dropout(self.pool(h, attention_mask)))
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
         return logits, loss
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding and isinstance(self.pos_emb, nn.Embedding):
-            n -= self.pos_emb.weight.numel()
-        return n

@@ -70,6 +70,13 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList([Block(c, i) for i in range(c.n_layer)])
         self.gradient_checkpointing = False
 
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters, without the position table by default (as GPT-2's paper counts them)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and isinstance(self.pos_emb, nn.Embedding):
+            n -= self.pos_emb.weight.numel()
+        return n
+
     def check_input(self, idx: torch.Tensor, start: int = 0) -> None:
         if idx.dim() != 2:
             raise ValueError(f"token ids must have shape (batch, time), got {tuple(idx.shape)}")
@@ -167,12 +174,6 @@ class GPT(Transformer):
         logits = self.score(h[torch.arange(idx.shape[0], device=idx.device), last])
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
         return logits, loss
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding and isinstance(self.pos_emb, nn.Embedding):
-            n -= self.pos_emb.weight.numel()
-        return n
 
     def new_kv_cache(self, batch: int, max_len: Optional[int] = None, dtype=None, device=None) -> KVCache:
         c = self.config

@@ -32,16 +32,6 @@ from minillm.attention import attention, causal_mask, resolve_backend, scaled_do
 NEG_INF = float("-inf")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a loaded 2-core machine thread
-    hand-offs cost ~40x more than the work (measured: 133 ms vs 3.5 ms for a tiny GPT forward)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _sdpa_dispatch(q, k, v, **kw):
     return attention(q, k, v, backend="sdpa", **kw)
 

@@ -40,15 +40,6 @@ V, T = 96, 24  # vocabulary and context of the small models
 BACKENDS = ["naive", "sdpa"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models gain nothing from a second thread on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def perturb(model: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
     """Add noise to every parameter (tied ones once), so no bias is zero and no norm weight one."""
     g = torch.Generator().manual_seed(seed)

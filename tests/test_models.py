@@ -29,16 +29,6 @@ BACKENDS = ["naive", "sdpa"]
 V = 64  # vocabulary of the tiny models
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a loaded 2-core machine thread
-    hand-offs cost ~40x more than the work (measured: 133 ms vs 3.5 ms for a tiny GPT forward)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_gpt(pe="learned", backend="sdpa", **overrides) -> GPT:
     cfg = preset("gpt-cpu", n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=V, pos_encoding=pe,
                  attention_backend=backend, init_std=0.1, **overrides)

@@ -22,16 +22,6 @@ from minillm.attention import KVCache, MultiHeadAttention
 BACKENDS = ["naive", "sdpa"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a loaded 2-core machine thread
-    hand-offs cost ~40x more than the work (measured: 133 ms vs 3.5 ms for a tiny GPT forward)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def torch_twin(ours: MultiHeadAttention, bias: bool) -> nn.MultiheadAttention:
     e = ours.proj.in_features
     theirs = nn.MultiheadAttention(e, ours.n_head, bias=bias, batch_first=True)
