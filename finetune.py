@@ -154,6 +154,11 @@ def resolve(args) -> dict:
     return opts
 
 
+def lora_settings(args, opts) -> dict:
+    return {"rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+            "targets": list(opts["lora_targets"])}
+
+
 # ---------------------------------------------------------------------------------------------
 # Tasks: each returns the callables the Trainer needs, and what to record in the checkpoint.
 
@@ -420,12 +425,18 @@ def main(argv=None) -> int:
     if args.resume and existing is None:
         raise ValueError(f"--resume: {out} holds no checkpoint to continue")
     saved = read_config(existing) if args.resume else None
-    if saved is not None:
+    if saved is not None:  # what decides the shape of the run must not change under --resume
         was = saved.get("finetune") or {}
         now = {"task": args.task, "method": args.method, "init": os.path.abspath(args.init)}
+        if args.method == "lora":
+            now["lora"] = lora_settings(args, opts)
         clash = [f"--{k} {now[k]} (checkpoint: {was.get(k)})" for k in now if was.get(k) != now[k]]
+        if args.pooling and args.pooling != saved["model"].get("classifier_pooling"):
+            clash.append(f"--pooling {args.pooling} (checkpoint: {saved['model'].get('classifier_pooling')})")
         if clash:
             raise ValueError(f"--resume: flags disagree with the checkpoint in {out}: {', '.join(clash)}")
+        if saved["model"].get("arch") == "bert" and saved["model"].get("num_labels"):
+            args.pooling = saved["model"].get("classifier_pooling")  # the run goes on as it began
 
     # -- the starting model and its tokenizer ---------------------------------------------------
     overrides = {"attention_backend": args.attention_backend}
@@ -437,6 +448,8 @@ def main(argv=None) -> int:
     if tokenizer is None:
         raise ValueError(f"{args.init}: no tokenizer beside the weights; pass --tokenizer")
     check_tokenizer(tokenizer, model.config, args.tokenizer or args.init)
+    if args.pooling and model.config.arch != "bert":
+        raise ValueError("--pooling chooses BERT's sentence vector; a GPT classifies from its last real token")
     if getattr(model, "hf_missing_heads", None) and args.task == "lm":
         print(f"note: {args.init} has no {'/'.join(model.hf_missing_heads)} weights; they start fresh")
 
@@ -459,8 +472,7 @@ def main(argv=None) -> int:
                              max_steps=max_steps, warmup_steps=warmup, progress=not args.no_progress)
     finetune = {"init": os.path.abspath(args.init), "task": args.task, "method": args.method, "merged": False,
                 "freeze_layers": args.freeze_layers,
-                "lora": ({"rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
-                          "targets": list(opts["lora_targets"])} if args.method == "lora" else None),
+                "lora": lora_settings(args, opts) if args.method == "lora" else None,
                 **task["record"]["data"]}
     extra = {"task": args.task, "finetune": finetune,
              "train": {k: v for k, v in opts.items() if isinstance(v, (int, float, str, bool, type(None)))}}

@@ -49,7 +49,7 @@ def read_tsv(path):
 # The reference: transformers' BertForSequenceClassification and a plain training loop
 
 
-def reference(model_dir, train_path, dev_path, budget, batch_size, lr, dtype, seed, log):
+def reference(model_dir, train_path, dev_path, budget, batch_size, lr, warmup, dtype, seed, log):
     import torch
     import torch.nn.functional as F
     import transformers
@@ -74,7 +74,7 @@ def reference(model_dir, train_path, dev_path, budget, batch_size, lr, dtype, se
 
     opt = adamw()
     steps_per_epoch = -(-len(texts) // batch_size)
-    s = TrainSettings(lr=lr, min_lr_ratio=0.0, warmup_steps=100, max_steps=3 * steps_per_epoch, time_budget=budget)
+    s = TrainSettings(lr=lr, min_lr_ratio=0.0, warmup_steps=warmup, max_steps=3 * steps_per_epoch, time_budget=budget)
     y_all = torch.tensor(labels)
     gen = torch.Generator().manual_seed(seed)
     order, pos = torch.randperm(len(texts), generator=gen), 0
@@ -145,11 +145,11 @@ def reference(model_dir, train_path, dev_path, budget, batch_size, lr, dtype, se
 # Ours: finetune.py as a user runs it
 
 
-def ours(model_dir, train_path, dev_path, budget, batch_size, method, lr, extra, env, log):
+def ours(model_dir, train_path, dev_path, budget, batch_size, method, lr, warmup, extra, env, log):
     out = tempfile.mkdtemp(prefix=f"sst2-{method}-")
     cmd = [sys.executable, os.path.join(ROOT, "finetune.py"), "--init", model_dir, "--train", train_path,
            "--eval", dev_path, "--text-col", "sentence", "--label-col", "label", "--method", method,
-           "--time-budget", str(budget), "--batch-size", str(batch_size), "--lr", str(lr),
+           "--time-budget", str(budget), "--batch-size", str(batch_size), "--lr", str(lr), "--warmup-steps", str(warmup),
            "--eval-interval", "0", "--no-progress", "--out", out, *extra]
     log(" ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -171,10 +171,12 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=300.0, help="seconds of training per run")
     p.add_argument("--runs", default="reference,full,lora", help="comma-separated: reference, full, lora")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-4, help="full finetuning (ours and the reference)")
+    p.add_argument("--lr", type=float, default=2e-4, help="full finetuning (ours and the reference)")
     p.add_argument("--lora-lr", type=float, default=1e-3)
-    p.add_argument("--lora-args", default="--lora-rank 16 --lora-alpha 32", help="extra finetune.py flags for LoRA")
-    p.add_argument("--full-args", default="", help="extra finetune.py flags for full finetuning")
+    p.add_argument("--warmup-steps", type=int, default=30, help="linear warmup, then cosine decay to 0 at the budget")
+    p.add_argument("--lora-args", default="--lora-rank 16 --lora-alpha 32 --pooling mean",
+                   help="extra finetune.py flags for LoRA")
+    p.add_argument("--full-args", default="--pooling mean", help="extra finetune.py flags for full finetuning")
     p.add_argument("--reference-dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: probe both and train with the faster")
     p.add_argument("--threads", type=int, help="torch threads for every run (default: torch's own choice)")
@@ -204,11 +206,12 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if r == "reference":
             res = reference(model_dir, args.train, args.dev, args.budget, args.batch_size, args.lr,
-                            args.reference_dtype, args.seed, log)
+                            args.warmup_steps, args.reference_dtype, args.seed, log)
         elif r in ("full", "lora"):
             lr = args.lr if r == "full" else args.lora_lr
             extra = (args.full_args if r == "full" else args.lora_args).split()
-            res = ours(model_dir, args.train, args.dev, args.budget, args.batch_size, r, lr, extra, env, log)
+            res = ours(model_dir, args.train, args.dev, args.budget, args.batch_size, r, lr, args.warmup_steps,
+                       extra, env, log)
         else:
             raise SystemExit(f"unknown run {r!r}; choose from reference, full, lora")
         res["wall_seconds"] = round(time.perf_counter() - t0, 1)
