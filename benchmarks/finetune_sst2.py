@@ -49,7 +49,7 @@ def read_tsv(path):
 # The reference: transformers' BertForSequenceClassification and a plain training loop
 
 
-def reference(model_dir, train_path, dev_path, budget, batch_size, lr, warmup, dtype, seed, log):
+def reference(model_dir, train_path, dev_path, budget, batch_size, lr, warmup, dropout, dtype, seed, log):
     import torch
     import torch.nn.functional as F
     import transformers
@@ -63,7 +63,8 @@ def reference(model_dir, train_path, dev_path, budget, batch_size, lr, warmup, d
     texts, labels = read_tsv(train_path)
     dev_texts, dev_labels = read_tsv(dev_path)
     enc = tok(texts, truncation=True, max_length=128)["input_ids"]  # once, outside the clock (as ours)
-    model = BertForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    model = BertForSequenceClassification.from_pretrained(model_dir, num_labels=2, hidden_dropout_prob=dropout,
+                                                          attention_probs_dropout_prob=dropout)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -145,11 +146,12 @@ def reference(model_dir, train_path, dev_path, budget, batch_size, lr, warmup, d
 # Ours: finetune.py as a user runs it
 
 
-def ours(model_dir, train_path, dev_path, budget, batch_size, method, lr, warmup, extra, env, log):
+def ours(model_dir, train_path, dev_path, budget, batch_size, method, lr, warmup, dropout, extra, env, log):
     out = tempfile.mkdtemp(prefix=f"sst2-{method}-")
     cmd = [sys.executable, os.path.join(ROOT, "finetune.py"), "--init", model_dir, "--train", train_path,
            "--eval", dev_path, "--text-col", "sentence", "--label-col", "label", "--method", method,
            "--time-budget", str(budget), "--batch-size", str(batch_size), "--lr", str(lr), "--warmup-steps", str(warmup),
+           "--dropout", str(dropout),
            "--eval-interval", "0", "--no-progress", "--out", out, *extra]
     log(" ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -174,6 +176,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=2e-4, help="full finetuning (ours and the reference)")
     p.add_argument("--lora-lr", type=float, default=1e-3)
     p.add_argument("--warmup-steps", type=int, default=30, help="linear warmup, then cosine decay to 0 at the budget")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout of both models (MiniLM's config says 0.1; well under an epoch needs none)")
     p.add_argument("--lora-args", default="--lora-rank 16 --lora-alpha 32 --pooling mean",
                    help="extra finetune.py flags for LoRA")
     p.add_argument("--full-args", default="--pooling mean", help="extra finetune.py flags for full finetuning")
@@ -206,12 +210,12 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if r == "reference":
             res = reference(model_dir, args.train, args.dev, args.budget, args.batch_size, args.lr,
-                            args.warmup_steps, args.reference_dtype, args.seed, log)
+                            args.warmup_steps, args.dropout, args.reference_dtype, args.seed, log)
         elif r in ("full", "lora"):
             lr = args.lr if r == "full" else args.lora_lr
             extra = (args.full_args if r == "full" else args.lora_args).split()
             res = ours(model_dir, args.train, args.dev, args.budget, args.batch_size, r, lr, args.warmup_steps,
-                       extra, env, log)
+                       args.dropout, extra, env, log)
         else:
             raise SystemExit(f"unknown run {r!r}; choose from reference, full, lora")
         res["wall_seconds"] = round(time.perf_counter() - t0, 1)
@@ -221,7 +225,8 @@ def main(argv=None) -> int:
     ref = next((r for r in results if r["name"].startswith("transformers")), None)
     print()
     print(f"SST-2, all-MiniLM-L6-v2, batch {args.batch_size}, {args.budget:g} s of training each, "
-          f"{args.threads or 'default'} thread(s)")
+          f"{args.threads or 'default'} thread(s), lr {args.lr:g} (LoRA {args.lora_lr:g}), warmup {args.warmup_steps}, "
+          f"dropout {args.dropout:g}")
     print(f"{'run':45s} {'setting':28s} {'ex/s':>8s} {'vs ref':>7s} {'dev acc':>8s} {'steps':>6s}")
     for r in results:
         ratio = f"{r['ex_per_s'] / ref['ex_per_s']:.2f}x" if ref and ref["ex_per_s"] else "-"
@@ -231,6 +236,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"budget": args.budget, "batch_size": args.batch_size, "threads": args.threads,
+                       "lr": args.lr, "lora_lr": args.lora_lr, "warmup_steps": args.warmup_steps, "dropout": args.dropout,
                        "results": results}, f, indent=2)
     return 0
 
