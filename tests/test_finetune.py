@@ -161,6 +161,21 @@ def test_head_and_frozen_layers_train_only_what_they_say(tmp_path, data, bert_di
     assert not torch.equal(w["blocks.1.attn.proj.weight"], base["bert.encoder.layer.1.attention.output.dense.weight"])
 
 
+def test_init_from_pytorch_model_bin(tmp_path, data, bert_dir):
+    """A Hugging Face directory with pytorch_model.bin (read with weights_only) instead of safetensors."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    d = tmp_path / "bin"
+    d.mkdir()
+    for name in ("config.json", "vocab.txt"):
+        shutil.copy(os.path.join(bert_dir, name), d / name)
+    torch.save(load_file(os.path.join(bert_dir, "model.safetensors")), d / "pytorch_model.bin")
+    run(["--init", d, "--train", data["train"], "--max-steps", "1", "--out", tmp_path / "o", *QUICK])
+    assert summary(tmp_path / "o")["steps"] == 1
+
+
 def test_lora_saves_adapters_merges_and_predicts_the_same(tmp_path, data, bert_dir):
     from safetensors.torch import load_file
 
