@@ -100,7 +100,10 @@ def _read_delimited(text: str, path: str, fmt: str) -> Table:
 
 def _read_jsonl(text: str, path: str) -> Table:
     rows = []
-    for line, s in enumerate(text.splitlines(), start=1):
+    # "\n" only: str.splitlines() would also break at U+2028, U+2029 and U+0085, which JSON
+    # writers leave unescaped inside strings (json.dumps(..., ensure_ascii=False)).
+    for line, s in enumerate(text.split("\n"), start=1):
+        s = s.removesuffix("\r")
         if not s.strip():
             continue
         try:

@@ -223,9 +223,6 @@ def test_jsonl_round_trip(workdir, objs, gaps, crlf, bom):
 
 
 @tables
-@pytest.mark.xfail(strict=True, reason="classification_data._read_jsonl splits lines with str.splitlines(), "
-                   "which also breaks at U+2028, U+2029 and U+0085 inside JSON strings (json.dumps(..., "
-                   "ensure_ascii=False) writes them raw); splitting on '\\n' only would fix it")
 @pytest.mark.parametrize("ch", ["\u2028", "\x85"])
 def test_jsonl_unescaped_line_separator_in_a_string(workdir, ch):
     path = write(workdir, "sep.jsonl", (json.dumps({"text": f"a{ch}b", "label": "1"}, ensure_ascii=False)
