@@ -33,7 +33,6 @@ import json
 import math
 import os
 import shutil
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +42,7 @@ from minillm.classification_data import (
     LabelMap, LengthBatches, class_weights, collate, encode_examples, encode_instructions, read_table,
     to_examples,
 )
+from minillm.cli import parse_bool, positive_int, run_main
 from minillm.data import Batches, mask_tokens, read_corpus, split, tokenize_corpus
 from minillm.lora import DEFAULT_TARGETS, apply_lora, count_trainable, lora_state_dict, merge_lora
 from minillm.metrics import classification_report, format_confusion
@@ -57,24 +57,6 @@ BASE = dict(batch_size=32, eval_batch_size=128, grad_accum=1, lr=None, min_lr_ra
             dtype="float32", compile=False, activation_checkpointing=False, eval_interval=200, eval_iters=20,
             log_interval=10, ckpt_interval=0, seed=1337, max_skips=10, stop_at_step=None, max_len=128)
 TEXT_COLUMNS = ("text", "sentence", "sentence1")  # tried in turn when --text-col is not given
-
-
-def parse_bool(v: str) -> bool:
-    if v.lower() in ("1", "true", "yes", "on"):
-        return True
-    if v.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
-
-
-def positive_int(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}")
-    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -561,11 +543,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ValueError as e:
-        print(f"finetune.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("finetune.py: interrupted; the last checkpoint is kept", file=sys.stderr)
-        sys.exit(130)
+    run_main(main, "finetune.py")

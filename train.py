@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
 from minillm import build_model
 from minillm.checkpoint import find_checkpoint, read_config
+from minillm.cli import parse_bool, positive_int, run_main
 from minillm.config import ACTIVATIONS, BACKENDS, NORMS, POS_ENCODINGS, PRESETS, ModelConfig
 from minillm.data import Batches, mask_tokens, read_corpus, split, tokenize_corpus
 from minillm.tokenizer import CharTokenizer, HFTokenizer, check_vocab, load_tokenizer
@@ -50,24 +50,6 @@ BASE = dict(batch_size=12, grad_accum=1, lr=1e-3, min_lr_ratio=0.1, warmup_steps
             sample_tokens=300, out=None)
 MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "n_inner", "block_size", "pos_encoding", "norm",
                "activation", "attention_backend", "dropout", "bias", "use_kernels", "chunked_ce")
-
-
-def parse_bool(v: str) -> bool:
-    if v.lower() in ("1", "true", "yes", "on"):
-        return True
-    if v.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
-
-
-def positive_int(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}")
-    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,15 +295,4 @@ def _describe(c: ModelConfig) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ValueError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:  # an unwritable --out, a full disk: the previous checkpoint is intact
-        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"train.py: error: {e.strerror or e}{where}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("train.py: interrupted; the last checkpoint is kept", file=sys.stderr)
-        sys.exit(130)
+    run_main(main, "train.py")

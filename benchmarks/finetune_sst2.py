@@ -240,7 +240,7 @@ def main(argv=None) -> int:
         ratio = f"{r['ex_per_s'] / ref['ex_per_s']:.2f}x" if ref and ref["ex_per_s"] else "-"
         print(f"{r['name']:45s} {r['setting'][:28]:28s} {r['ex_per_s']:8.1f} {ratio:>7s} {r['dev_accuracy']:8.4f} {r['steps']:6d}")
     if ref:
-        print(f"reference probe (ex/s): " + ", ".join(f"{k} {v:.1f}" for k, v in ref["probe_ex_per_s"].items()))
+        print("reference probe (ex/s): " + ", ".join(f"{k} {v:.1f}" for k, v in ref["probe_ex_per_s"].items()))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"budget": args.budget, "batch_size": args.batch_size, "threads": args.threads,

@@ -5,11 +5,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
 from .checkpoint import load_model
+from .cli import run_main
 
 
 def main(argv=None) -> int:
@@ -50,8 +50,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ValueError as e:
-        print(f"minillm.generate: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, "minillm.generate")

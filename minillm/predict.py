@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import find_checkpoint, load_model, load_weights, read_config, read_tensors
+from .cli import run_main
 from .config import ModelConfig
 from .tokenizer import load_tokenizer
 
@@ -334,8 +335,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ValueError as e:
-        print(f"minillm.predict: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, "minillm.predict")

@@ -183,7 +183,7 @@ GPT2_HUGE = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "n_
     {**GPT2_HUGE, "n_layer": 2, "n_embd": 16, "n_head": 2, "n_inner": "64"},
     {**GPT2_HUGE, "n_layer": 2, "n_embd": 16, "n_head": 2, "layer_norm_epsilon": [1e-5]},
     {**GPT2_HUGE, "n_layer": 2, "n_embd": 16, "n_head": 2, "resid_pdrop": "lots"},
-    {**GPT2_HUGE, "n_layer": 2, "n_embd": 16, "n_head": 2, "architectures": ["GPT2ForSequenceClassification"],
+    {**GPT2_HUGE, "n_layer": 2, "n_head": 2, "architectures": ["GPT2ForSequenceClassification"],
      "id2label": {str(i): str(i) for i in range(10**5)}, "vocab_size": 10**6, "n_embd": 10**5},
     {"model_type": "bert", "vocab_size": 30522, "max_position_embeddings": 512, "num_hidden_layers": 2,
      "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 64, "type_vocab_size": 10**12},
