@@ -31,6 +31,7 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -109,20 +110,23 @@ def reference(model_dir, train_path, dev_path, budget, batch_size, lr, warmup, d
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    # Pick the faster precision on a few batches (timed forward + backward, no update kept).
+    # Pick the faster precision: the same three batches under each, alternating over rounds (a
+    # one-off probe on a shared machine picks by noise); each batch's median time counts.
     probe = {}
     state = {k: v.clone() for k, v in model.state_dict().items()}
     candidates = {"bf16": True, "fp32": False} if dtype == "auto" else {dtype: dtype == "bf16"}
-    for name, use_bf16 in candidates.items():
-        times, start = [], time.perf_counter()
-        while len(times) < 4 and time.perf_counter() - start < 30:
-            ids, mask, y = batch()
-            t0 = time.perf_counter()
-            step(ids, mask, y, 0, 0.0, use_bf16)
-            times.append(time.perf_counter() - t0)
-        timed = times[1:] or times  # the first step warms up
-        probe[name] = batch_size * len(timed) / sum(timed)
-        log(f"reference probe {name}: {probe[name]:.1f} ex/s over {len(timed)} step(s)")
+    probe_batches = [batch() for _ in range(4)]
+    times = {name: [[] for _ in probe_batches[1:]] for name in candidates}
+    for _ in range(3 if len(candidates) > 1 else 1):
+        for name, use_bf16 in candidates.items():
+            step(*probe_batches[0], 0, 0.0, use_bf16)  # warm-up for this precision
+            for i, (ids, mask, y) in enumerate(probe_batches[1:]):
+                t0 = time.perf_counter()
+                step(ids, mask, y, 0, 0.0, use_bf16)
+                times[name][i].append(time.perf_counter() - t0)
+    for name, per_batch in times.items():
+        probe[name] = batch_size * len(per_batch) / sum(statistics.median(ts) for ts in per_batch)
+        log(f"reference probe {name}: {probe[name]:.1f} ex/s (3 batches, median of {len(per_batch[0])} rounds)")
     model.load_state_dict(state)
     opt = adamw()
     best = max(probe, key=probe.get)
