@@ -23,6 +23,20 @@ from minillm.tokenizer import CharTokenizer
 from minillm.training import TrainSettings, flops_per_token, make_optimizer, measure_matmul_peak
 
 
+def cpu_name() -> str:
+    """The processor's model name (Linux), for the record: figures differ between CPU kinds."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def make_step(model, opt, compile_: bool, dtype: str):
     fwd = torch.compile(model) if compile_ else model
     ctx = (lambda: torch.autocast("cpu", dtype=getattr(torch, dtype))) if dtype != "float32" else None
@@ -83,18 +97,21 @@ def main(argv=None) -> int:
             for x, y in data:
                 run["step"](x, y)
             run["rates"].append(args.steps * tokens_per_step / (time.perf_counter() - t0))
-    peak = measure_matmul_peak(torch.device("cpu"), "float32")
+    # MFU of each variant against the measured matmul peak in the dtype it computes in.
+    dtypes = sorted({alias[v.split("-", 1)[1]] for v in args.variants})
+    peaks = {dt: measure_matmul_peak(torch.device("cpu"), dt) for dt in dtypes}
     fpt = flops_per_token(next(iter(runs.values()))["model"], args.block_size)
     base = statistics.median(runs[args.variants[0]]["rates"])
     print(f"model: {args.n_layer} layers, {args.n_head} heads, width {args.n_embd}, context {args.block_size}, "
-          f"batch {args.batch_size}, vocab {tok.vocab_size}; {torch.get_num_threads()} threads; "
-          f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+          f"batch {args.batch_size}, vocab {tok.vocab_size}; {torch.get_num_threads()} threads; {cpu_name()}; "
+          "matmul peak " + ", ".join(f"{dt} {pk / 1e9:,.0f} GFLOP/s" for dt, pk in peaks.items()))
     print(f"{'variant':<16}{'tok/s (median)':>16}{'min':>10}{'max':>10}{'vs ' + args.variants[0]:>18}{'MFU':>8}{'warm-up s':>11}")
     out = {}
     for v, run in runs.items():
         med = statistics.median(run["rates"])
+        peak = peaks[alias[v.split("-", 1)[1]]]
         out[v] = {"tok_per_s": med, "all": run["rates"], "warmup_s": run["warmup_s"], "ratio": med / base,
-                  "mfu_fp32": med * fpt / peak}
+                  "mfu": med * fpt / peak, "peak_flops": peak}
         print(f"{v:<16}{med:>16,.0f}{min(run['rates']):>10,.0f}{max(run['rates']):>10,.0f}{med / base:>17.2f}x"
               f"{100 * med * fpt / peak:>7.1f}%{run['warmup_s']:>11.1f}")
     if args.json:
