@@ -361,8 +361,13 @@ class Trainer:
         if s.progress and self.is_main:
             from tqdm import tqdm
 
-            bar = tqdm(total=s.max_steps, initial=self.step, dynamic_ncols=True, unit="step",
-                       disable=not s.progress)
+            # With a time budget the bar fills with training seconds (a step count would show a few
+            # percent of an unreachable max_steps); otherwise with steps.
+            by_time = bool(s.time_budget)
+            bar = tqdm(total=round(s.time_budget) if by_time else s.max_steps,
+                       initial=min(round(self.elapsed), round(s.time_budget)) if by_time else self.step,
+                       dynamic_ncols=True, unit="s" if by_time else "step", disable=not s.progress,
+                       bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt}s [{elapsed}{postfix}]" if by_time else None)
         last_eval: dict = {}
         window_items, window_time = 0, 0.0
         wall0 = time.perf_counter()
@@ -387,12 +392,15 @@ class Trainer:
             # MFU only where a FLOP count and a measured peak are known (finetune.py has neither): None, not 0.
             mfu = rate * flops_per_item / peak_flops if peak_flops and flops_per_item else None
             if bar is not None:
-                bar.update(1)
                 left = (s.max_steps - self.step) / max(self.step, 1) * self.elapsed
                 if s.time_budget:
                     left = min(left, s.time_budget - self.elapsed)
+                    bar.update(min(self.elapsed, s.time_budget) - bar.n)
+                else:
+                    bar.update(1)
                 shown = f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
-                bar.set_postfix_str(f"loss {loss:.4f} | {rate:,.0f} {unit}/s{shown} | ETA {max(left, 0):.0f}s")
+                bar.set_postfix_str(f"step {self.step} | loss {loss:.4f} | {rate:,.0f} {unit}/s{shown} | ETA {max(left, 0):.0f}s",
+                                    refresh=False)
             evaluating = s.eval_interval and self.step % s.eval_interval == 0 and not self.done()
             if self.step % s.log_interval == 0 or evaluating or self.done():
                 row = {"step": self.step, "train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
