@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+from benchmarks.timing import cpu_name
 
 BACKENDS = ("naive", "sdpa", "triton")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -220,7 +221,7 @@ def main(argv=None) -> int:
     if on_gpu:
         device_name = torch.cuda.get_device_name(device)
     else:
-        device_name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        device_name = f"CPU ({cpu_name()}, {torch.get_num_threads()} threads)"
     print(f"# attention benchmark on {device_name}, {str(dtype).replace('torch.', '')}, "
           f"median of {reps} runs, torch {torch.__version__}")
     for note in notes:

@@ -126,7 +126,7 @@ def reference(model_dir, train_path, dev_path, budget, batch_size, lr, warmup, d
                 times[name][i].append(time.perf_counter() - t0)
     for name, per_batch in times.items():
         probe[name] = batch_size * len(per_batch) / sum(statistics.median(ts) for ts in per_batch)
-        log(f"reference probe {name}: {probe[name]:.1f} ex/s (3 batches, median of {len(per_batch[0])} rounds)")
+        log(f"reference probe {name}: {probe[name]:.1f} ex/s ({len(per_batch)} batches, median of {len(per_batch[0])} rounds)")
     model.load_state_dict(state)
     opt = adamw()
     best = max(probe, key=probe.get)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import time
 from typing import Callable
@@ -75,8 +76,20 @@ def implementations(device: torch.device, triton_fn, reference_fn) -> list[tuple
     return impls
 
 
+def cpu_name() -> str:
+    """The processor's model name (Linux), for the record: figures differ between CPU kinds."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def header(title: str, device: torch.device, dtype: torch.dtype) -> None:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu_name()})"
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"{title} on {name}{threads}, {str(dtype).replace('torch.', '')}; medians")
     if device.type != "cuda":

@@ -22,19 +22,7 @@ from minillm.data import Batches, read_corpus, tokenize_corpus
 from minillm.tokenizer import CharTokenizer
 from minillm.training import TrainSettings, flops_per_token, make_optimizer, measure_matmul_peak
 
-
-def cpu_name() -> str:
-    """The processor's model name (Linux), for the record: figures differ between CPU kinds."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
+from benchmarks.timing import cpu_name
 
 
 def make_step(model, opt, compile_: bool, dtype: str):
