@@ -19,44 +19,53 @@
 
 Examples are batched with others of similar length and padded only to the longest of their batch
 (--bucket), which on short sentences such as SST-2's (median 10 tokens) is most of the speed.
-On SST-2 with all-MiniLM-L6-v2 (300 s, full finetuning) [CLS] pooling measured 0.899 dev accuracy
-and mean pooling 0.892-0.893; [CLS] is also the one a Hugging Face export can carry. With LoRA,
-mean pooling (sentence-transformers trained MiniLM for it) measured 0.885-0.890.
+README's "Measured here" has the SST-2 accuracies of each method and pooling.
 
-Reads top to bottom: settings -> starting model -> task data -> method (what trains) ->
-the shared Trainer (schedule, precision, accumulation, time budget, checkpoints, resume,
-metrics.jsonl) -> LoRA merge, Hugging Face export, int8 copy -> summary.json.
+Reads top to bottom: settings -> tasks (the data, the loss, the evaluation) -> methods (what
+trains) -> the loop (`finetune`) -> LoRA merge, Hugging Face export, int8 copy -> main.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 import shutil
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from minillm.checkpoint import find_checkpoint, model_tensors, read_config, save_checkpoint
+from minillm.checkpoint import model_tensors, save_checkpoint
 from minillm.classification_data import (
-    LabelMap, LengthBatches, class_weights, collate, encode_examples, encode_instructions, read_table,
+    LabelMap, LengthBatches, class_weights, collate, encode_examples, encode_instructions, predict_logits, read_table,
     to_examples,
 )
-from minillm.cli import parse_bool, positive_int, run_main
-from minillm.data import Batches, mask_tokens, read_corpus, split, tokenize_corpus
+from minillm.cli import add_bool, add_training_args, given_training_flags, positive_int, run_main
+from minillm.config import BACKENDS
+from minillm.data import LMData, evaluate_lm, read_corpus, split, tokenize_corpus
+from minillm.device import autocast, seed_everything
+from minillm.hf_import import config_to_hf, save_hf
 from minillm.lora import DEFAULT_TARGETS, apply_lora, count_trainable, lora_state_dict, merge_lora
 from minillm.metrics import classification_report, format_confusion
-from minillm.predict import attach_head, classify_logits, load_pretrained, predict_logits, quantize_int8, quantized_tensors
-from minillm.tokenizer import load_tokenizer
-from minillm.training import TrainingStopped, Trainer, TrainSettings, plot_losses, seed_everything, write_json_atomic
+from minillm.pretrained import load_pretrained
+from minillm.quantize import quantize_int8, quantized_tensors
+from minillm.run_dir import RunDir, existing_run, refuse_clash
+from minillm.tokenizer import check_vocab, load_tokenizer
+from minillm.training import (
+    Meter, ProgressBar, TrainingStopped, TrainSettings, TrainState, clip_gradients, count_targets, lr_at,
+    make_optimizer, resume_training, save_training, set_lr, skip_step, sync_step, token_share,
+)
 
-# The learning rate each method starts from when --lr is not given.
-DEFAULT_LR = {"full": 5e-5, "lora": 5e-4, "head": 1e-3}
-BASE = dict(batch_size=32, eval_batch_size=128, grad_accum=1, lr=None, min_lr_ratio=0.0, warmup_steps=None,
-            max_steps=None, epochs=3.0, time_budget=None, weight_decay=0.01, beta1=0.9, beta2=0.999, grad_clip=1.0,
-            dtype="float32", compile=False, activation_checkpointing=False, eval_interval=200, eval_iters=20,
-            log_interval=10, ckpt_interval=0, seed=1337, max_skips=10, stop_at_step=None, max_len=128)
+# -- settings -------------------------------------------------------------------------------------
+DEFAULT_LR = {"full": 5e-5, "lora": 5e-4, "head": 1e-3}  # when --lr is not given
+# Finetuning's defaults where they differ from pretraining's (TrainSettings). max_steps: --epochs
+# over the training set; warmup: 6% of the steps, at most 100.
+FINETUNE_DEFAULTS = dict(batch_size=32, min_lr_ratio=0.0, weight_decay=0.01, beta2=0.999, eval_interval=200,
+                         max_steps="--epochs", warmup_steps="6% of the steps", lr=DEFAULT_LR)
 TEXT_COLUMNS = ("text", "sentence", "sentence1")  # tried in turn when --text-col is not given
 
 
@@ -75,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-col", default="label", help="label column (strings or integers)")
     g.add_argument("--prompt-col", default="prompt", help="instruction tuning: the prompt field")
     g.add_argument("--response-col", default="response", help="instruction tuning: the response field (the loss is on it)")
-    g.add_argument("--max-len", type=positive_int, help="tokens per example (longer ones are cut; default 128)")
-    g.add_argument("--bucket", type=parse_bool, default=True, help="batch examples of similar length (less padding)")
+    g.add_argument("--max-len", type=positive_int, default=128, help="tokens per example, longer ones are cut (default: 128)")
+    add_bool(g, "--bucket", "batch examples of similar length, less padding (default: true)")
+    g.add_argument("--eval-batch-size", type=positive_int, default=128, help="examples per evaluation batch (default: 128)")
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=["full", "lora", "head"], default="full")
     g.add_argument("--lora-rank", type=positive_int, default=8)
@@ -89,44 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pooling", choices=["cls", "mean"], help="BERT sentence vector: pooler on [CLS] or the mean (default cls)")
     g.add_argument("--class-weights", choices=["none", "auto"], default="none", help="auto: weigh classes by inverse frequency")
     g.add_argument("--dropout", type=float, help="dropout of the model (default: its config's)")
-    g.add_argument("--attention-backend", choices=["auto", "naive", "sdpa", "triton"], default="auto")
-    g = p.add_argument_group("training")
-    g.add_argument("--batch-size", type=positive_int, help="examples (lm: sequences) per micro-batch")
-    g.add_argument("--eval-batch-size", type=positive_int)
-    g.add_argument("--grad-accum", type=positive_int)
-    g.add_argument("--lr", type=float, help=f"peak learning rate (default: {DEFAULT_LR})")
-    g.add_argument("--min-lr-ratio", type=float)
-    g.add_argument("--warmup-steps", type=int, help="default: 6%% of the steps, at most 100")
-    g.add_argument("--max-steps", type=positive_int, help="default: --epochs over the training set")
-    g.add_argument("--epochs", type=float)
-    g.add_argument("--time-budget", type=float, help="seconds of training, then evaluate and save")
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--beta1", type=float)
-    g.add_argument("--beta2", type=float)
-    g.add_argument("--grad-clip", type=float)
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--compile", type=parse_bool, help="torch.compile the training forward pass (dynamic shapes)")
-    g.add_argument("--activation-checkpointing", type=parse_bool)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--max-skips", type=int)
-    g.add_argument("--stop-at-step", type=positive_int, help="checkpoint and stop after this step (continue with --resume)")
-    g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval-interval", type=int, help="steps between evaluations (0: only at the end)")
-    g.add_argument("--eval-iters", type=positive_int, help="lm on text: evaluation batches")
-    g.add_argument("--log-interval", type=positive_int)
-    g.add_argument("--ckpt-interval", type=int, help="steps between checkpoints (0: at each evaluation)")
-    g.add_argument("--out", default="out/finetune", help="output folder")
-    g.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    g.add_argument("--attention-backend", choices=BACKENDS, default="auto")
+    g.add_argument("--epochs", type=float, default=3.0, help="passes over the training set when --max-steps is not given")
+    add_training_args(p, FINETUNE_DEFAULTS, out_default="out/finetune")
+    g = p.add_argument_group("after training")
     g.add_argument("--export-hf", metavar="DIR", help="also write the model as a Hugging Face directory")
     g.add_argument("--quantize", choices=["int8"], help="also write a dynamically quantised CPU copy (<out>/quantized)")
-    g.add_argument("--no-progress", action="store_true")
     return p
 
 
 def resolve(args) -> dict:
-    """Flags over the defaults, then the values that depend on others; refuses bad combinations."""
-    opts = {**BASE, **{k: v for k, v in vars(args).items() if k in BASE and v is not None}}
-    opts["lr"] = opts["lr"] or DEFAULT_LR[args.method]
+    """Flags over finetuning's defaults; refuses bad combinations."""
+    opts = {**vars(TrainSettings()), **{k: v for k, v in FINETUNE_DEFAULTS.items() if not isinstance(v, (str, dict))},
+            "lr": DEFAULT_LR[args.method], "max_steps": None, "warmup_steps": None, **given_training_flags(args)}
     checks = [
         (args.method != "head" or args.task == "classify", "--method head needs --task classify"),
         (not args.merge or args.method == "lora", "--merge folds LoRA adapters: it needs --method lora"),
@@ -134,7 +119,7 @@ def resolve(args) -> dict:
         (0.0 <= args.lora_dropout < 1.0, f"--lora-dropout must be in [0, 1), got {args.lora_dropout}"),
         (args.lora_alpha > 0, f"--lora-alpha must be positive, got {args.lora_alpha}"),
         (args.dropout is None or 0.0 <= args.dropout < 1.0, f"--dropout must be in [0, 1), got {args.dropout}"),
-        (opts["epochs"] > 0, f"--epochs must be positive, got {opts['epochs']}"),
+        (args.epochs > 0 and math.isfinite(args.epochs), f"--epochs must be positive, got {args.epochs}"),
         (args.task == "classify" or args.class_weights == "none", "--class-weights needs --task classify"),
     ]
     for ok, msg in checks:
@@ -144,173 +129,153 @@ def resolve(args) -> dict:
     return opts
 
 
-def lora_settings(args, opts) -> dict:
+def lora_settings(args, opts) -> Optional[dict]:
+    if args.method != "lora":
+        return None
     return {"rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
             "targets": list(opts["lora_targets"])}
 
 
-# ---------------------------------------------------------------------------------------------
-# Tasks: each returns the callables the Trainer needs, and what to record in the checkpoint.
+# -- tasks ----------------------------------------------------------------------------------------
 
 
-def classification_task(args, opts, model, tokenizer, device, saved):
-    train_table = read_table(args.train, args.format)
-    text_col = args.text_col or next((c for c in TEXT_COLUMNS if c in train_table.columns), TEXT_COLUMNS[0])
-    train_ex = to_examples(train_table, text_col, args.label_col, args.text_pair_col)
+@dataclass
+class Task:
+    """What the loop trains on. batches: next() -> a batch on the device, state()/load_state();
+    loss(model, batch) -> (mean loss, targets with -100 where nothing is learned)."""
+    batches: object
+    loss: Callable
+    evaluate: Optional[Callable]  # evaluate(model, device=None) -> metrics
+    unit: str  # what the throughput counts: "ex" (examples) or "tok"
+    n_train: int  # examples (or windows) in an epoch
+    describe: str
+    record: dict  # what the checkpoint's config.json keeps about the data
+    labels: Optional[LabelMap] = None
+
+
+class PaddedBatches:
+    """Batches of encoded examples of similar length, padded to the longest, on the device.
+    `pad_second`: classification pads token types with 0; instruction tuning pads targets with -100."""
+
+    def __init__(self, encoded, labels, batch_size, seed, bucket, pad_id, device, pad_second=0):
+        self.order = LengthBatches([len(ids) for ids, _ in encoded], batch_size, seed, bucket=bucket)
+        self.encoded, self.labels, self.pad_id, self.pad_second, self.device = encoded, labels, pad_id, pad_second, device
+        self.state, self.load_state = self.order.state, self.order.load_state
+
+    def next(self):
+        idx = self.order.next()
+        ids, second, mask = collate(self.encoded, idx, self.pad_id, pad_second=self.pad_second)
+        if self.labels is None:  # right padding needs no mask in a causal model: real tokens never look ahead
+            return ids.to(self.device), second.to(self.device)
+        mask = None if bool(mask.all()) else mask.to(self.device)  # no padding: attention needs no mask
+        return ids.to(self.device), second.to(self.device), mask, self.labels[idx].to(self.device)
+
+
+def classification_task(args, opts, model, tokenizer, device, saved) -> Task:
+    table = read_table(args.train, args.format)
+    text_col = args.text_col or next((c for c in TEXT_COLUMNS if c in table.columns), TEXT_COLUMNS[0])
+    train_ex = to_examples(table, text_col, args.label_col, args.text_pair_col)
     labels = LabelMap.from_examples(train_ex, args.train, args.label_col)
     if saved is not None and saved.get("labels") != labels.names:
         raise ValueError(f"--resume: the labels of {args.train} ({', '.join(labels.names)}) differ from the "
                          f"checkpoint's ({', '.join(map(str, saved.get('labels') or []))})")
-    y_train = labels.encode(train_ex, args.train)
-    eval_ex, y_eval = None, None
-    if args.eval:
-        eval_ex = to_examples(read_table(args.eval, args.format), text_col, args.label_col, args.text_pair_col)
-        y_eval = labels.encode(eval_ex, args.eval)
-
-    max_len = min(opts["max_len"], model.config.block_size)
-    train_enc = encode_examples(tokenizer, train_ex, max_len)
-    eval_enc = encode_examples(tokenizer, eval_ex, max_len) if eval_ex else None
-    fresh = attach_head(model, len(labels), args.pooling)
+    y_train = torch.tensor(labels.encode(train_ex, args.train))
+    eval_ex = to_examples(read_table(args.eval, args.format), text_col, args.label_col, args.text_pair_col) if args.eval else []
+    y_eval = torch.tensor(labels.encode(eval_ex, args.eval)) if eval_ex else None
+    max_len = min(args.max_len, model.config.block_size)
+    train_enc, eval_enc = encode_examples(tokenizer, train_ex, max_len), encode_examples(tokenizer, eval_ex, max_len)
+    fresh = model.add_classifier(len(labels), args.pooling)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else model.config.pad_token_id
-    batches = LengthBatches([len(ids) for ids, _ in train_enc], opts["batch_size"], opts["seed"], bucket=args.bucket)
-    y_train_t = torch.tensor(y_train)
-    weights = class_weights(y_train, len(labels)).to(device) if args.class_weights == "auto" else None
+    weights = class_weights(y_train.tolist(), len(labels)).to(device) if args.class_weights == "auto" else None
+    forward = torch.compile(classify_logits, dynamic=True) if opts["compile"] else classify_logits
 
-    forward = classify_logits
-    if opts["compile"]:
-        forward = torch.compile(classify_logits, dynamic=True)
-
-    def get_batch():
-        idx = batches.next()
-        ids, types, mask = collate(train_enc, idx, pad)
-        mask = None if bool(mask.all()) else mask.to(device)  # no padding: attention needs no mask
-        return ids.to(device), types.to(device), mask, y_train_t[idx].to(device)
-
-    def loss_fn(m, b):
-        ids, types, mask, y = b
-        logits = forward(getattr(m, "_orig_mod", m), ids, types, mask)
-        return F.cross_entropy(logits.float(), y, weight=weights), len(y)
+    def loss(m, batch):
+        ids, types, mask, y = batch
+        return F.cross_entropy(forward(m, ids, types, mask).float(), y, weight=weights), y
 
     def evaluate(m, on=None):
-        logits = predict_logits(m, eval_enc, pad, opts["eval_batch_size"], device=on or device)
-        y = torch.tensor(y_eval)
-        report = classification_report(y, logits.argmax(-1), len(labels))
-        return {"eval_loss": F.cross_entropy(logits, y).item(), "eval_accuracy": report["accuracy"],
+        logits = predict_logits(m, eval_enc, pad, args.eval_batch_size, device=on or device)
+        report = classification_report(y_eval, logits.argmax(-1), len(labels))
+        return {"eval_loss": F.cross_entropy(logits, y_eval).item(), "eval_accuracy": report["accuracy"],
                 "eval_precision": report["precision"], "eval_recall": report["recall"], "eval_f1": report["f1"],
                 "eval_confusion": report["confusion"]}
 
-    counts = torch.bincount(y_train_t, minlength=len(labels)).tolist()
-    describe = (f"{len(train_ex):,} train / {len(eval_ex or []):,} eval examples, {len(labels)} labels "
+    counts = torch.bincount(y_train, minlength=len(labels)).tolist()
+    describe = (f"{len(train_ex):,} train / {len(eval_ex):,} eval examples, {len(labels)} labels "
                 f"({', '.join(f'{n}: {c:,}' for n, c in zip(labels.names, counts))})"
                 + (", classes weighted" if weights is not None else "")
                 + f", {'fresh' if fresh else 'kept'} classification head"
                 + (f", {model.config.classifier_pooling} pooling" if model.config.arch == "bert" else ", last token"))
-    record = {"labels": labels.names,
-              "data": {"text_col": text_col, "text_pair_col": args.text_pair_col, "label_col": args.label_col,
-                       "max_len": max_len}}
-    return dict(get_batch=get_batch, loss_fn=loss_fn, evaluate=evaluate if eval_enc else None,
-                data_state=batches.state, load_data_state=batches.load_state, record=record, unit="ex",
-                n_train=len(train_ex), describe=describe, labels=labels)
+    record = {"text_col": text_col, "text_pair_col": args.text_pair_col, "label_col": args.label_col, "max_len": max_len}
+    batches = PaddedBatches(train_enc, y_train, opts["batch_size"], opts["seed"], args.bucket is not False, pad, device)
+    return Task(batches, loss, evaluate if eval_enc else None, "ex", len(train_ex), describe, record, labels)
 
 
-def lm_task(args, opts, model, tokenizer, device, saved):
+def classify_logits(model, ids, types, mask):
+    return model.classify(ids, attention_mask=mask, token_type_ids=types)[0]
+
+
+def lm_task(args, opts, model, tokenizer, device) -> Task:
     """Continued pretraining on text (GPT: next token; BERT: masked tokens), or instruction
     tuning of a GPT on prompt/response JSONL with the loss on the response only."""
     c = model.config
-    block = min(opts["max_len"] if args.max_len else c.block_size, c.block_size)
-    bs = opts["batch_size"]
-    instructions = args.format == "jsonl" or (args.format is None and os.path.splitext(args.train)[1].lower() in
-                                              (".jsonl", ".json", ".ndjson"))
-    if instructions:
-        if c.arch != "gpt":
-            raise ValueError("instruction tuning (prompt/response JSONL) needs a GPT; a BERT continues "
-                             "pretraining with --task lm on plain text (masked LM)")
-        train = encode_instructions(tokenizer, read_table(args.train, "jsonl"), block, args.prompt_col, args.response_col)
-        val = (encode_instructions(tokenizer, read_table(args.eval, "jsonl"), block, args.prompt_col, args.response_col)
-               if args.eval else None)
-        batches = LengthBatches([len(ids) for ids, _ in train], bs, opts["seed"], bucket=args.bucket)
-        pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+    block = min(args.max_len, c.block_size)
+    forward = torch.compile(model, dynamic=True) if opts["compile"] else model
 
-        def get_batch():
-            # right padding needs no mask in a causal model: real tokens never look ahead at it
-            ids, targets, _ = collate(train, batches.next(), pad, pad_second=-100)
-            return ids.to(device), targets.to(device)
+    def loss(m, batch):
+        x, y = batch
+        return forward(x, y)[1], y
 
-        def evaluate(m, on=None):
-            total, n = 0.0, 0
-            for i in range(0, len(val), opts["eval_batch_size"]):
-                ids, targets, _ = collate(val, range(i, min(i + opts["eval_batch_size"], len(val))), pad, pad_second=-100)
-                _, loss = m(ids.to(on or device), targets.to(on or device))
-                k = int((targets != -100).sum())
-                total, n = total + loss.float().item() * k, n + k
-            return {"eval_loss": total / n, "eval_ppl": math.exp(min(total / n, 50))}
-
-        data_state, load_data_state = batches.state, batches.load_state
-        describe = (f"{len(train):,} train / {len(val or []):,} eval prompt/response pairs, "
-                    "loss on the response tokens")
+    if args.format == "jsonl" or (args.format is None and args.train.lower().endswith((".jsonl", ".json", ".ndjson"))):
+        return instruction_task(args, opts, tokenizer, block, c.arch, device, loss)
+    if args.eval:
+        train_tokens = tokenize_corpus(read_corpus(args.train), tokenizer)
+        val_tokens = tokenize_corpus(read_corpus(args.eval), tokenizer)
+        split(train_tokens, 0.0, block)
+        if len(val_tokens) < block + 1:
+            raise ValueError(f"{args.eval}: {len(val_tokens)} tokens, fewer than one context window of {block + 1}")
     else:
-        if args.eval:
-            train_tokens = tokenize_corpus(read_corpus(args.train), tokenizer)
-            val_tokens = tokenize_corpus(read_corpus(args.eval), tokenizer)
-            split(train_tokens, 0.0, block)
-            if len(val_tokens) < block + 1:
-                raise ValueError(f"{args.eval}: {len(val_tokens)} tokens, fewer than one context window of {block + 1}")
-        else:
-            train_tokens, val_tokens = split(tokenize_corpus(read_corpus(args.train), tokenizer), 0.1, block)
-        train_batches = Batches(train_tokens, block, seed=opts["seed"])
-        mask_gen = torch.Generator().manual_seed(opts["seed"] + 1)
+        train_tokens, val_tokens = split(tokenize_corpus(read_corpus(args.train), tokenizer), 0.1, block)
+    data = LMData(train_tokens, val_tokens, block, opts["batch_size"], opts["seed"], device,
+                  mask_with=tokenizer if c.arch == "bert" else None)
 
-        def get_batch():
-            x, y = train_batches.causal_lm(bs)
-            if c.arch == "bert":
-                x, y = mask_tokens(x, tokenizer, tokenizer.vocab_size, mask_gen)
-            return x.to(device), y.to(device)
+    def evaluate(m, on=None):
+        loss_ = evaluate_lm(m, data, opts["eval_iters"], device=on)
+        return {"eval_loss": loss_, "eval_ppl": math.exp(min(loss_, 50))}
 
-        def evaluate(m, on=None):
-            vb, vgen = Batches(val_tokens, block, seed=0), torch.Generator().manual_seed(1)
-            losses = []
-            for _ in range(opts["eval_iters"]):
-                x, y = vb.causal_lm(bs)
-                if c.arch == "bert":
-                    x, y = mask_tokens(x, tokenizer, tokenizer.vocab_size, vgen)
-                losses.append(m(x.to(on or device), y.to(on or device))[1].float().item())
-            loss = sum(losses) / len(losses)
-            return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
-
-        def data_state():
-            return {"train": train_batches.state(), "mask": mask_gen.get_state()}
-
-        def load_data_state(st):
-            train_batches.load_state(st["train"])
-            mask_gen.set_state(st["mask"])
-
-        val = val_tokens
-        train = train_tokens
-        describe = (f"{len(train_tokens):,} train / {len(val_tokens):,} eval tokens, windows of {block}, "
-                    + ("next-token loss" if c.arch == "gpt" else "masked-LM loss"))
-
-    def loss_fn(m, b):
-        x, y = b
-        _, loss = m(x, y)
-        return loss, int((y != -100).sum()) if instructions else x.numel()  # SFT: the tokens learned
-
-    n_train = len(train) if instructions else max(1, len(train) // block)
-    record = {"data": {"max_len": block, "instructions": instructions,
-                       **({"prompt_col": args.prompt_col, "response_col": args.response_col} if instructions else {})}}
-    return dict(get_batch=get_batch, loss_fn=loss_fn, evaluate=evaluate if val is not None and len(val) else None,
-                data_state=data_state, load_data_state=load_data_state, record=record, unit="tok",
-                n_train=n_train, describe=describe, labels=None)
+    describe = (f"{len(train_tokens):,} train / {len(val_tokens):,} eval tokens, windows of {block}, "
+                + ("next-token loss" if c.arch == "gpt" else "masked-LM loss"))
+    return Task(data, loss, evaluate, "tok", max(1, len(train_tokens) // block), describe,
+                {"max_len": block, "instructions": False})
 
 
-# ---------------------------------------------------------------------------------------------
-# Methods: what trains
+def instruction_task(args, opts, tokenizer, block, arch, device, loss) -> Task:
+    if arch != "gpt":
+        raise ValueError("instruction tuning (prompt/response JSONL) needs a GPT; a BERT continues "
+                         "pretraining with --task lm on plain text (masked LM)")
+    encode = functools.partial(encode_instructions, tokenizer, max_len=block, prompt_col=args.prompt_col,
+                               response_col=args.response_col)
+    train = encode(read_table(args.train, "jsonl"))
+    val = encode(read_table(args.eval, "jsonl")) if args.eval else []
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+
+    @torch.no_grad()
+    def evaluate(m, on=None):
+        total, n = 0.0, 0
+        for i in range(0, len(val), args.eval_batch_size):
+            ids, targets, _ = collate(val, range(i, min(i + args.eval_batch_size, len(val))), pad, pad_second=-100)
+            k = int((targets != -100).sum())
+            total, n = total + m(ids.to(on or device), targets.to(on or device))[1].float().item() * k, n + k
+        return {"eval_loss": total / n, "eval_ppl": math.exp(min(total / n, 50))}
+
+    describe = f"{len(train):,} train / {len(val):,} eval prompt/response pairs, loss on the response tokens"
+    record = {"max_len": block, "instructions": True, "prompt_col": args.prompt_col, "response_col": args.response_col}
+    batches = PaddedBatches(train, None, opts["batch_size"], opts["seed"], args.bucket is not False, pad, device,
+                            pad_second=-100)
+    return Task(batches, loss, evaluate if val else None, "tok", len(train), describe, record)
 
 
-def head_modules(model) -> list:
-    c = model.config
-    if c.arch == "gpt":
-        return [model.score]
-    return [model.classifier] + ([model.pooler] if c.classifier_pooling == "cls" else [])
+# -- methods: what trains -------------------------------------------------------------------------
 
 
 def apply_method(model, args, opts) -> str:
@@ -320,18 +285,15 @@ def apply_method(model, args, opts) -> str:
             raise ValueError(f"--freeze-layers {args.freeze_layers}: the model has only {c.n_layer} blocks")
         frozen = [model.tok_emb, model.pos_emb, getattr(model, "type_emb", None), getattr(model, "emb_norm", None),
                   *model.blocks[: args.freeze_layers]]
-        for m in frozen:
-            for p in (m.parameters() if m is not None else []):
-                p.requires_grad_(False)
-    if args.method == "head":
-        for p in model.parameters():
+        for p in (p for m in frozen if m is not None for p in m.parameters()):
             p.requires_grad_(False)
+    if args.method == "head":
+        model.requires_grad_(False)
     elif args.method == "lora":
         replaced = apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, opts["lora_targets"])
     if args.method in ("head", "lora") and args.task == "classify":
-        for m in head_modules(model):
-            for p in m.parameters():
-                p.requires_grad_(True)
+        for m in model.classification_head():
+            m.requires_grad_(True)
     trainable, total = count_trainable(model)
     what = {"full": "full finetuning", "head": "the head only",
             "lora": f"LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g} on {len(replaced) if args.method == 'lora' else 0} "
@@ -341,17 +303,68 @@ def apply_method(model, args, opts) -> str:
     return f"{what}: {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train"
 
 
-# ---------------------------------------------------------------------------------------------
-# After training: Hugging Face export and the int8 copy
+# -- the loop -------------------------------------------------------------------------------------
 
+
+def finetune(model, task: Task, optimizer, scaler, state: TrainState, s: TrainSettings, run: RunDir, save,
+             device, show_progress: bool) -> None:
+    """Optimizer steps over the task's batches until max_steps, the time budget or stop_at_step;
+    evaluate, log and checkpoint at their intervals."""
+    meter, bar, first = Meter(), ProgressBar(s, state, show_progress), True
+    model.train()
+    while not state.done(s):
+        t0 = time.perf_counter()
+        lr = set_lr(optimizer, lr_at(state.progress(s), state.step, s))
+        micro = [task.batches.next() for _ in range(s.grad_accum)]
+        n_targets = count_targets([b[-1] for b in micro])  # examples, or tokens learned from
+        step_loss = torch.zeros((), device=device)
+        for batch in micro:
+            with autocast(device, s.dtype):
+                loss, targets = task.loss(model, batch)
+            part = token_share(loss, targets, n_targets)
+            scaler.scale(part).backward()
+            step_loss += part.detach()
+        loss, finite, state.out_of_time = sync_step(step_loss, clip_gradients(model, optimizer, scaler, s.grad_clip),
+                                                    bool(s.time_budget) and state.elapsed + time.perf_counter() - t0 >= s.time_budget)
+        if finite or scaler.is_enabled():  # the fp16 scaler skips non-finite steps itself
+            scaler.step(optimizer)
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if not finite:
+            skip_step(state, s, loss, run.path)
+        state.advance(time.perf_counter() - t0, sum(b[0].shape[0] if task.unit == "ex" else b[0].numel() for b in micro),
+                      meter, compiling=first and s.compile)
+        first = False
+        bar.update(state, loss, meter, task.unit)
+        evaluating = bool(s.eval_interval) and state.step % s.eval_interval == 0 and not state.done(s)
+        if evaluating or state.step % s.log_interval == 0 or state.done(s):
+            row = {**meter.row(state, loss, lr, task.unit), **(run_eval(model, task, s, device) if evaluating else {})}
+            run.log(row)
+            if evaluating and task.evaluate is not None:
+                bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("eval_")
+                                                            and isinstance(v, float)))
+        if state.checkpoint_due(s, evaluating):
+            save()
+    bar.close()
+
+
+def run_eval(model, task: Task, s: TrainSettings, device) -> dict:
+    if task.evaluate is None:
+        return {}
+    model.eval()
+    with torch.no_grad(), autocast(device, s.dtype):
+        metrics = task.evaluate(model)
+    model.train()
+    return metrics
+
+
+# -- after training: Hugging Face export and the int8 copy ------------------------------------------
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt")
 
 
 def export_hf(model, directory, labels, tokenizer, init_info) -> None:
-    from minillm.hf_import import save_hf
-
     save_hf(model, directory, labels.id2label() if labels else None)
     src = init_info.get("path", "")
     copied = False
@@ -374,8 +387,6 @@ def tensor_bytes(tensors: dict) -> int:
 def write_quantized(model, out, config, tokenizer, extra, evaluate) -> dict:
     """Quantise a CPU copy, evaluate the float model and the int8 copy side by side, and save
     the copy as <out>/quantized (int8 weights with their per-channel scales, in safetensors)."""
-    import time
-
     qmodel = quantize_int8(model)
     row = {"float_bytes": tensor_bytes(model_tensors(model)), "int8_bytes": tensor_bytes(quantized_tensors(qmodel))}
     if evaluate is not None:
@@ -393,133 +404,24 @@ def write_quantized(model, out, config, tokenizer, extra, evaluate) -> dict:
     return row
 
 
-# ---------------------------------------------------------------------------------------------
-
-
-def check_tokenizer(tokenizer, config, where: str) -> None:
-    """Ids beyond the embedding table would crash; a much smaller vocabulary means another model's
-    tokenizer (a few spare rows, as in padded vocabularies, are fine)."""
-    if tokenizer.vocab_size > config.vocab_size or config.vocab_size - tokenizer.vocab_size > 128:
-        raise ValueError(f"the tokenizer ({where}) has {tokenizer.vocab_size:,} tokens but the model's vocabulary "
-                         f"holds {config.vocab_size:,}: they do not belong together")
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    opts = resolve(args)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    seed_everything(opts["seed"])
-    out = args.out
-
-    existing = find_checkpoint(out) if os.path.isdir(out) else None
-    if args.resume and existing is None:
-        raise ValueError(f"--resume: {out} holds no checkpoint to continue")
-    saved = read_config(existing) if args.resume else None
-    if saved is not None:  # what decides the shape of the run must not change under --resume
-        was = saved.get("finetune") or {}
-        now = {"task": args.task, "method": args.method, "init": os.path.abspath(args.init)}
-        if args.method == "lora":
-            now["lora"] = lora_settings(args, opts)
-        clash = [f"--{k} {now[k]} (checkpoint: {was.get(k)})" for k in now if was.get(k) != now[k]]
-        if args.pooling and args.pooling != saved["model"].get("classifier_pooling"):
-            clash.append(f"--pooling {args.pooling} (checkpoint: {saved['model'].get('classifier_pooling')})")
-        if clash:
-            raise ValueError(f"--resume: flags disagree with the checkpoint in {out}: {', '.join(clash)}")
-        if saved["model"].get("arch") == "bert" and saved["model"].get("num_labels"):
-            args.pooling = saved["model"].get("classifier_pooling")  # the run goes on as it began
-
-    # -- the starting model and its tokenizer ---------------------------------------------------
-    overrides = {"attention_backend": args.attention_backend}
-    if args.dropout is not None:
-        overrides.update(dropout=args.dropout, attn_dropout=args.dropout)
-    model, tokenizer, init_info = load_pretrained(args.init, **overrides)
-    if args.tokenizer:
-        tokenizer = load_tokenizer(args.tokenizer)
-    if tokenizer is None:
-        raise ValueError(f"{args.init}: no tokenizer beside the weights; pass --tokenizer")
-    check_tokenizer(tokenizer, model.config, args.tokenizer or args.init)
-    if args.pooling and model.config.arch != "bert":
-        raise ValueError("--pooling chooses BERT's sentence vector; a GPT classifies from its last real token")
-    if getattr(model, "hf_missing_heads", None) and args.task == "lm":
-        print(f"note: {args.init} has no {'/'.join(model.hf_missing_heads)} weights; they start fresh")
-
-    # -- data, head, method -----------------------------------------------------------------------
-    make_task = classification_task if args.task == "classify" else lm_task
-    task = make_task(args, opts, model, tokenizer, device, saved)
-    if args.export_hf:  # refuse before training what could not be exported after it
-        from minillm.hf_import import config_to_hf
-
-        config_to_hf(model.config)
-    method = apply_method(model, args, opts)
-    model.to(device)
-    config = model.config
-
-    steps_per_epoch = math.ceil(task["n_train"] / (opts["batch_size"] * opts["grad_accum"]))
-    max_steps = opts["max_steps"] or max(1, math.ceil(opts["epochs"] * steps_per_epoch))
-    warmup = opts["warmup_steps"] if opts["warmup_steps"] is not None else min(100, int(0.06 * max_steps))
-    settings = TrainSettings(**{k: opts[k] for k in TrainSettings.__dataclass_fields__ if k in opts and
-                                k not in ("max_steps", "warmup_steps")},
-                             max_steps=max_steps, warmup_steps=warmup, progress=not args.no_progress)
-    finetune = {"init": os.path.abspath(args.init), "task": args.task, "method": args.method, "merged": False,
-                "freeze_layers": args.freeze_layers,
-                "lora": lora_settings(args, opts) if args.method == "lora" else None,
-                **task["record"]["data"]}
-    extra = {"task": args.task, "finetune": finetune,
-             "train": {k: v for k, v in opts.items() if isinstance(v, (int, float, str, bool, type(None)))}}
-    if task["labels"] is not None:
-        extra["labels"] = task["labels"].names
-
-    os.makedirs(out, exist_ok=True)
-    trainer = Trainer(model, settings, out, get_batch=task["get_batch"], loss_fn=task["loss_fn"],
-                      evaluate=task["evaluate"], data_state=task["data_state"],
-                      load_data_state=task["load_data_state"], config=config, tokenizer=tokenizer,
-                      extra_config=extra, device=device,
-                      save_tensors=(lambda: lora_state_dict(model)) if args.method == "lora" else None)
-    if args.resume:
-        trainer.resume(existing)
-        print(f"resumed {out} at step {trainer.step}")
-    elif existing:
-        print(f"{out} holds an earlier run: starting afresh and replacing it")
-        for name in ("metrics.jsonl", "summary.json", "loss.png"):
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
-
-    c = config
-    print(f"{c.arch.upper()} from {args.init}: {c.n_layer} layers, width {c.n_embd}, {c.n_head} heads | {method}")
-    print(f"{args.task}: {task['describe']} | batch {opts['batch_size']}x{opts['grad_accum']}, lr {opts['lr']:g}, "
-          f"{max_steps:,} steps max" + (f", {opts['time_budget']:g}s budget" if opts["time_budget"] else "")
-          + f" | {device}, {settings.dtype}" + (", compiled" if settings.compile else ""))
-
-    try:
-        summary = trainer.fit(unit=task["unit"])
-    except TrainingStopped as e:
-        raise ValueError(str(e)) from None
-
-    # -- after training -------------------------------------------------------------------------
-    unit = task["unit"]
-    summary.update(task=args.task, method=args.method, init=args.init, dtype=settings.dtype,
-                   batch_size=opts["batch_size"], trainable_parameters=count_trainable(model)[0],
-                   parameters=count_trainable(model)[1],
-                   **{f"train_{unit}_per_s_overall": round(trainer.items_seen / trainer.elapsed, 1)
-                      if trainer.elapsed else None})
+def deliver(args, model, task, tokenizer, extra, init_info, summary) -> None:
+    """What --merge, --export-hf and --quantize ask for, after training."""
+    config, finetuned = model.config, extra["finetune"]
     if args.method == "lora" and (args.merge or args.export_hf or args.quantize):
         merge_lora(model)  # the adapters are saved (checkpoint/); from here on the weights are merged
         if args.merge:
-            merged_extra = {**extra, "finetune": {**finetune, "merged": True}}
-            summary["merged_checkpoint"] = save_checkpoint(out, model, config, tokenizer, extra_config=merged_extra,
-                                                           name="merged")
+            summary["merged_checkpoint"] = save_checkpoint(args.out, model, config, tokenizer, name="merged",
+                                                           extra_config={**extra, "finetune": {**finetuned, "merged": True}})
     if args.export_hf:
-        export_hf(model, args.export_hf, task["labels"], tokenizer, init_info)
+        export_hf(model, args.export_hf, task.labels, tokenizer, init_info)
         summary["hf_export"] = args.export_hf
     if args.quantize:
-        merged_extra = {**extra, "finetune": {**finetune, "merged": args.method == "lora" or finetune["merged"]}}
-        evaluate = task["evaluate"]
-        q = write_quantized(model, out, config, tokenizer, merged_extra, evaluate)
-        summary["quantized"] = q
-    write_json_atomic(os.path.join(out, "summary.json"), summary)
-    plot = plot_losses(trainer.history, os.path.join(out, "loss.png"))
+        merged = {**extra, "finetune": {**finetuned, "merged": args.method == "lora" or finetuned["merged"]}}
+        summary["quantized"] = write_quantized(model, args.out, config, tokenizer, merged, task.evaluate)
 
-    rate = summary.get(f"{unit}_per_s") or 0
+
+def report(args, summary, task, plot) -> None:
+    unit, rate = task.unit, summary.get(f"{task.unit}_per_s") or 0
     line = (f"done: {summary['steps']} steps in {summary['train_seconds']:.0f}s of training "
             f"({summary['wall_seconds']:.0f}s wall), {rate:,.1f} {unit}/s")
     if "eval_accuracy" in summary:
@@ -529,17 +431,111 @@ def main(argv=None) -> int:
         line += f" | eval loss {summary['eval_loss']:.4f}, perplexity {summary['eval_ppl']:.2f}"
     print(line)
     if "eval_confusion" in summary:
-        print(format_confusion(summary["eval_confusion"], task["labels"].names))
+        print(format_confusion(summary["eval_confusion"], task.labels.names))
     if args.quantize:
         q = summary["quantized"]
         acc = "".join(f", {kind} accuracy {q[f'{kind}_eval_accuracy']:.4f}" for kind in ("float", "int8")
                       if f"{kind}_eval_accuracy" in q)
         print(f"int8 copy: {q['int8_bytes'] / 1e6:.1f} MB of weights vs {q['float_bytes'] / 1e6:.1f} MB float{acc}"
               f" -> {q['int8_checkpoint']}")
-    print(f"wrote {summary['checkpoint']}, {os.path.join(out, 'metrics.jsonl')}, {os.path.join(out, 'summary.json')}"
-          + (f", {plot}" if plot else "") + (f", {args.export_hf}" if args.export_hf else ""))
+    print(f"wrote {summary['checkpoint']}, {os.path.join(args.out, 'metrics.jsonl')}, "
+          f"{os.path.join(args.out, 'summary.json')}" + (f", {plot}" if plot else "")
+          + (f", {args.export_hf}" if args.export_hf else ""))
     if args.task == "classify":
-        print(f"predict: python -m minillm.predict --ckpt {out} --text \"...\"")
+        print(f"predict: python -m minillm.predict --ckpt {args.out} --text \"...\"")
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def start_model(args, opts, saved):
+    """The model to finetune and its tokenizer; a resumed run must keep the run's shape."""
+    if saved is not None:
+        was = saved.get("finetune") or {}
+        refuse_clash(args.out, {"task": args.task, "method": args.method, "init": os.path.abspath(args.init),
+                                "lora": lora_settings(args, opts)}, was)
+        pooling = saved["model"].get("classifier_pooling")
+        if args.pooling and args.pooling != pooling:
+            raise ValueError(f"--resume: flags disagree with the checkpoint in {args.out}: --pooling {args.pooling} "
+                             f"(checkpoint: {pooling})")
+        if saved["model"].get("arch") == "bert" and saved["model"].get("num_labels"):
+            args.pooling = pooling  # the run goes on as it began
+    overrides = {"attention_backend": args.attention_backend}
+    if args.dropout is not None:
+        overrides.update(dropout=args.dropout, attn_dropout=args.dropout)
+    model, tokenizer, init_info = load_pretrained(args.init, **overrides)
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else tokenizer
+    if tokenizer is None:
+        raise ValueError(f"{args.init}: no tokenizer beside the weights; pass --tokenizer")
+    check_vocab(tokenizer, model.config.vocab_size, args.tokenizer or args.init)
+    if args.pooling and model.config.arch != "bert":
+        raise ValueError("--pooling chooses BERT's sentence vector; a GPT classifies from its last real token")
+    if init_info.get("missing_heads") and args.task == "lm":
+        print(f"note: {args.init} has no {'/'.join(init_info['missing_heads'])} weights; they start fresh")
+    return model, tokenizer, init_info
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    opts = resolve(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    seed_everything(opts["seed"])
+    saved = existing_run(args.out, args.resume)
+    model, tokenizer, init_info = start_model(args, opts, saved if args.resume else None)
+
+    # -- data, head, method
+    task = (classification_task(args, opts, model, tokenizer, device, saved if args.resume else None)
+            if args.task == "classify" else lm_task(args, opts, model, tokenizer, device))
+    if args.export_hf:  # refuse before training what could not be exported after it
+        config_to_hf(model.config)
+    method = apply_method(model, args, opts)
+    model.to(device)
+    steps_per_epoch = math.ceil(task.n_train / (opts["batch_size"] * opts["grad_accum"]))
+    opts["max_steps"] = opts["max_steps"] or max(1, math.ceil(args.epochs * steps_per_epoch))
+    opts["warmup_steps"] = opts["warmup_steps"] if opts["warmup_steps"] is not None else min(100, int(0.06 * opts["max_steps"]))
+    s = TrainSettings.from_options(opts)
+    model.gradient_checkpointing = s.activation_checkpointing
+    optimizer = make_optimizer(model, s)
+    scaler = torch.amp.GradScaler(device.type, enabled=s.dtype == "float16")
+
+    # -- a fresh run, or the saved one continued
+    state = TrainState()
+    if args.resume:
+        resume_training(saved["path"], model, optimizer, scaler, state, task.batches, strict=args.method != "lora")
+        print(f"resumed {args.out} at step {state.step}")
+    elif saved is not None:
+        print(f"{args.out} holds an earlier run: starting afresh and replacing it")
+    run = RunDir(args.out)
+    run.start(state.step if args.resume else None)
+    finetuned = {"init": os.path.abspath(args.init), "task": args.task, "method": args.method, "merged": False,
+                 "freeze_layers": args.freeze_layers, "lora": lora_settings(args, opts), **task.record}
+    extra = {"task": args.task, "finetune": finetuned, **({"labels": task.labels.names} if task.labels else {}),
+             "train": {k: v for k, v in opts.items() if isinstance(v, (int, float, str, bool, type(None)))}}
+    save = functools.partial(save_training, args.out, model, optimizer, scaler, state, s, task.batches,
+                             config=model.config, tokenizer=tokenizer, extra=extra,
+                             tensors=(lambda: lora_state_dict(model)) if args.method == "lora" else None)
+    c = model.config
+    print(f"{c.arch.upper()} from {args.init}: {c.n_layer} layers, width {c.n_embd}, {c.n_head} heads | {method}")
+    print(f"{args.task}: {task.describe} | batch {s.batch_size}x{s.grad_accum}, lr {s.lr:g}, {s.max_steps:,} steps max"
+          + (f", {s.time_budget:g}s budget" if s.time_budget else "") + f" | {device}, {s.dtype}"
+          + (", compiled" if s.compile else ""))
+
+    wall0 = time.perf_counter()
+    try:
+        finetune(model, task, optimizer, scaler, state, s, run, save, device, not args.no_progress)
+    except TrainingStopped as e:
+        raise ValueError(str(e)) from None
+    final = run_eval(model, task, s, device)
+    run.log({"step": state.step, **final})
+    trainable, total = count_trainable(model)
+    summary = {"steps": state.step, "train_seconds": round(state.elapsed, 2), "wall_seconds": round(time.perf_counter() - wall0, 2),
+               "compile_seconds": round(state.compile_seconds, 2), f"{task.unit}_per_s": run.median(f"{task.unit}_per_s"),
+               "skipped_steps": state.skips, "checkpoint": save(), **final, "task": args.task, "method": args.method,
+               "init": args.init, "dtype": s.dtype, "batch_size": s.batch_size, "trainable_parameters": trainable,
+               "parameters": total, f"train_{task.unit}_per_s_overall": round(state.items_seen / state.elapsed, 1)
+               if state.elapsed else None}
+    deliver(args, model, task, tokenizer, extra, init_info, summary)
+    report(args, summary, task, run.finish(summary))
     return 0
 
 

@@ -3,124 +3,106 @@
     python train.py                                   # small GPT on Python's own docs, ~3 min on a CPU
     python train.py --preset shakespeare-char --data ../shared/data/tinyshakespeare/input.txt
     python train.py --model bert --preset bert-cpu --tokenizer bpe --vocab-size 4096
+    python train.py --out out/default --resume        # continue a run exactly where it stopped
     torchrun --nproc_per_node=2 train.py --max-steps 200   # DistributedDataParallel
 
-Reads top to bottom: settings -> data -> model -> training -> sample. The output folder gets the
-checkpoint (safetensors + JSON, resumable with --resume), metrics.jsonl, summary.json, loss.png.
+Reads top to bottom: settings -> data -> model and optimizer -> the training loop (`train`,
+below: batch, forward, backward, clip, step, schedule, evaluate, checkpoint, log) -> sample.
+The output folder gets the checkpoint (safetensors + JSON), metrics.jsonl, summary.json, loss.png.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import time
 
 import torch
 
-from minillm import build_model
-from minillm.checkpoint import find_checkpoint, read_config
-from minillm.cli import parse_bool, positive_int, run_main
+from minillm.cli import add_bool, add_training_args, given_training_flags, positive_int, run_main
 from minillm.config import ACTIVATIONS, BACKENDS, NORMS, POS_ENCODINGS, PRESETS, ModelConfig
-from minillm.data import Batches, mask_tokens, read_corpus, split, tokenize_corpus
+from minillm.data import DEFAULT_CORPUS, LMData, corpus_key, evaluate_lm, read_corpus, split, tokenize_corpus
+from minillm.device import (
+    autocast, finish_distributed, flops_per_token, grad_sync, measure_matmul_peak, seed_everything,
+    setup_distributed, wrap_ddp,
+)
+from minillm.model import build_model
+from minillm.run_dir import RunDir, existing_run, refuse_clash
 from minillm.tokenizer import CharTokenizer, HFTokenizer, check_vocab, load_tokenizer
 from minillm.training import (
-    TrainingStopped, Trainer, TrainSettings, flops_per_token, measure_matmul_peak, plot_losses,
-    seed_everything, setup_distributed, write_json_atomic,
+    Meter, ProgressBar, TrainingStopped, TrainSettings, TrainState, clip_gradients, count_targets, lr_at,
+    make_optimizer, resume_training, save_training, set_lr, skip_step, sync_step, token_share,
 )
 
-# Recipes: a model preset plus training settings. Every value can be overridden by its flag.
+# -- settings -------------------------------------------------------------------------------------
+# A recipe is a model preset plus training settings; every value can be overridden by its flag.
+# Measured results of the recipes: README, "Measured here".
 RECIPES = {
     # The main job: a small GPT on the interpreter's bundled docs, about three minutes on a CPU.
     "default": dict(model="gpt", base="gpt-cpu", n_layer=4, n_head=4, n_embd=128, block_size=128,
                     batch_size=16, lr=2e-3, warmup_steps=50, max_steps=100000, time_budget=150.0,
-                    eval_interval=200, eval_iters=20, dropout=0.0, compile=False),
-    # Character-level Tiny Shakespeare with a 100 s budget (measured: README, "Measured here"). At
-    # this budget a small, fast model wins: on a quiet 2-core Xeon (AVX-512), 100 s runs of the
-    # 4x128 GPT-2-style model got val 1.675 (batch 8, lr 2e-3); RoPE 1.640; lr 3e-3, batch 16 1.626;
-    # RMSNorm + SwiGLU 1.617; no biases 1.613; 3 layers 1.604; 2 layers 1.555 (49k tok/s).
+                    eval_interval=200, eval_iters=20, dropout=0.0),
+    # Character-level Tiny Shakespeare in 100 s: at this budget a small, fast model wins.
     "shakespeare-char": dict(model="gpt", base="gpt-cpu", n_layer=2, n_head=4, n_embd=128, block_size=64,
                              pos_encoding="rope", norm="rmsnorm", activation="swiglu", bias=False,
                              batch_size=16, lr=3e-3, warmup_steps=30, max_steps=100000, time_budget=100.0,
                              eval_interval=0, eval_iters=40, dropout=0.0, compile=True, weight_decay=0.1,
                              beta2=0.99, min_lr_ratio=0.05),
 }
-for name in PRESETS:
-    RECIPES.setdefault(name, dict(model=PRESETS[name].arch, base=name))
+for _name in PRESETS:
+    RECIPES.setdefault(_name, dict(model=PRESETS[_name].arch, base=_name))
 
-BASE = dict(batch_size=12, grad_accum=1, lr=1e-3, min_lr_ratio=0.1, warmup_steps=100, max_steps=2000,
-            time_budget=None, weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0, dtype="float32",
-            compile=False, activation_checkpointing=False, eval_interval=250, eval_iters=20, log_interval=10,
-            ckpt_interval=0, seed=1337, max_skips=10, stop_at_step=None, tokenizer="char", vocab_size=4096, val_fraction=0.1,
-            sample_tokens=300, out=None)
+DATA_DEFAULTS = dict(data=None, tokenizer="char", vocab_size=4096, val_fraction=0.1, sample_tokens=300)
 MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "n_inner", "block_size", "pos_encoding", "norm",
                "activation", "attention_backend", "dropout", "bias", "use_kernels", "chunked_ce")
+# What may differ in a resumed run: how it runs and reports, not what it computes.
+PER_INVOCATION = ("attention_backend", "use_kernels", "chunked_ce", "compile", "stop_at_step", "sample_tokens",
+                  "log_interval", "eval_interval", "eval_iters", "ckpt_interval", "ckpt_seconds")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--preset", default="default", help=f"recipe or model preset: {', '.join(sorted(RECIPES))}")
-    a("--model", choices=["gpt", "bert"], help="causal LM (gpt) or masked LM (bert)")
+    p.add_argument("--preset", help=f"recipe or model preset: {', '.join(sorted(RECIPES))} (default: default)")
+    p.add_argument("--model", choices=["gpt", "bert"], help="causal LM (gpt) or masked LM (bert)")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="text file or folder of text files (default: Python's bundled docs)")
-    g.add_argument("--tokenizer", help="char | bpe | path to a tokenizer.json / vocab.txt / checkpoint folder")
-    g.add_argument("--vocab-size", type=positive_int, help="BPE vocabulary size")
-    g.add_argument("--val-fraction", type=float, help="share of the tokens held out for validation")
+    g.add_argument("--tokenizer", help="char | bpe | path to a tokenizer.json / vocab.txt / checkpoint folder (default: char)")
+    g.add_argument("--vocab-size", type=positive_int, help="BPE vocabulary size (default: 4096)")
+    g.add_argument("--val-fraction", type=float, help="share of the tokens held out for validation (default: 0.1)")
+    g.add_argument("--sample-tokens", type=int, help="tokens to generate at the end (0: none; default: 300)")
     g = p.add_argument_group("model (overrides the preset)")
-    for f, kw in [("n_layer", {}), ("n_head", {}), ("n_kv_head", {}), ("n_embd", {}), ("n_inner", {}),
-                  ("block_size", {})]:
-        g.add_argument("--" + f.replace("_", "-"), type=positive_int, **kw)
+    for f in ("n_layer", "n_head", "n_kv_head", "n_embd", "n_inner", "block_size"):
+        g.add_argument("--" + f.replace("_", "-"), type=positive_int)
     g.add_argument("--pos-encoding", choices=POS_ENCODINGS)
     g.add_argument("--norm", choices=NORMS)
     g.add_argument("--activation", choices=ACTIVATIONS)
     g.add_argument("--attention-backend", choices=BACKENDS)
     g.add_argument("--dropout", type=float)
-    g.add_argument("--bias", type=parse_bool)
-    g.add_argument("--use-kernels", type=parse_bool, help="Triton kernels for norms/activations/RoPE on CUDA")
-    g.add_argument("--chunked-ce", type=parse_bool, help="fused linear + cross-entropy over token chunks")
-    g = p.add_argument_group("training")
-    g.add_argument("--batch-size", type=positive_int, help="sequences per step per process")
-    g.add_argument("--grad-accum", type=positive_int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--min-lr-ratio", type=float)
-    g.add_argument("--warmup-steps", type=int)
-    g.add_argument("--max-steps", type=positive_int)
-    g.add_argument("--time-budget", type=float, help="seconds of training, then evaluate and save")
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--beta1", type=float)
-    g.add_argument("--beta2", type=float)
-    g.add_argument("--grad-clip", type=float)
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--compile", type=parse_bool)
-    g.add_argument("--activation-checkpointing", type=parse_bool)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--max-skips", type=int, help="non-finite steps skipped before the run stops")
-    g.add_argument("--stop-at-step", type=positive_int,
-                   help="checkpoint and stop after this step, leaving the schedule unfinished (continue with --resume)")
-    g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval-interval", type=int, help="steps between validations (0: only at the end)")
-    g.add_argument("--eval-iters", type=positive_int)
-    g.add_argument("--log-interval", type=positive_int)
-    g.add_argument("--ckpt-interval", type=int, help="steps between checkpoints (0: at each validation)")
-    g.add_argument("--out", help="output folder (default: out/<preset>)")
-    g.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
-    g.add_argument("--sample-tokens", type=int, help="tokens to generate at the end (0: none)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_bool(g, "--bias", "biases in linear layers and norms")
+    add_bool(g, "--use-kernels", "Triton kernels for norms/activations/RoPE/cross-entropy on CUDA")
+    add_bool(g, "--chunked-ce", "fused linear + cross-entropy over token chunks (no full logits)")
+    add_training_args(p, {}, out_default=None)
     return p
 
 
-def resolve(args) -> dict:
-    """Flags over the recipe over the defaults."""
-    if args.preset not in RECIPES:
-        raise ValueError(f"unknown preset {args.preset!r}; choose one of {sorted(RECIPES)}")
-    recipe = RECIPES[args.preset]
-    opts = {**BASE, **{k: v for k, v in recipe.items() if k not in ("model", "base")}}
-    opts.update({k: v for k, v in vars(args).items() if v is not None and k in BASE or
-                 (k in MODEL_FLAGS and v is not None)})
-    opts["model"] = args.model or recipe["model"]
-    base = recipe["base"]
-    if PRESETS[base].arch != opts["model"]:
-        base = "gpt-cpu" if opts["model"] == "gpt" else "bert-cpu"
-    opts["base"] = base
-    opts["out"] = opts["out"] or os.path.join("out", args.preset if args.model is None else f"{args.preset}-{args.model}")
+def resolve(args, saved) -> dict:
+    """Flags over the recipe over the defaults; a resumed run takes its saved settings, and a
+    flag that contradicts them is refused."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("out", "resume", "no_progress")}
+    if given.get("data") not in (None, DEFAULT_CORPUS):  # a resumed run finds it from any folder
+        given["data"] = os.path.abspath(given["data"])
+    if saved is not None:
+        if not isinstance(saved.get("train"), dict):
+            raise ValueError(f"--resume: {saved['path']} was not written by train.py (its config.json has no train settings)")
+        refuse_clash(args.out, {k: v for k, v in given.items() if k not in PER_INVOCATION}, saved["train"])
+        return {**saved["train"], **{k: v for k, v in given.items() if k in PER_INVOCATION}, "stop_at_step": args.stop_at_step}
+    preset = given.get("preset", "default")
+    if preset not in RECIPES:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(RECIPES)}")
+    recipe = RECIPES[preset]
+    opts = {**vars(TrainSettings()), **DATA_DEFAULTS, **recipe, "preset": preset, **given}
+    if PRESETS[recipe["base"]].arch != opts["model"]:  # e.g. --model bert on a GPT recipe
+        opts["base"] = "gpt-cpu" if opts["model"] == "gpt" else "bert-cpu"
     if not 0.0 <= opts["val_fraction"] < 1.0:
         raise ValueError(f"--val-fraction must be in [0, 1), got {opts['val_fraction']}")
     return opts
@@ -134,146 +116,170 @@ def make_tokenizer(spec: str, docs: list[str], vocab_size: int):
     return load_tokenizer(spec)
 
 
+def model_config(opts: dict, tokenizer, saved, resume: bool, out: str) -> ModelConfig:
+    """The preset with the flags' overrides; a resumed run's saved config. A fresh run into a
+    folder holding another shape of model is refused."""
+    if resume:
+        runtime = {k: opts[k] for k in PER_INVOCATION if k in MODEL_FLAGS and opts.get(k) is not None}
+        return ModelConfig.from_dict(saved["model"]).replace(**runtime)
+    overrides = {k: opts[k] for k in MODEL_FLAGS if opts.get(k) is not None}
+    config = PRESETS[opts["base"]].replace(**overrides, vocab_size=tokenizer.vocab_size)
+    old = ModelConfig.from_dict(saved["model"]) if saved is not None else None
+    if old is not None and old.shape() != config.shape():
+        raise ValueError(f"{out} holds a checkpoint of another shape ({old.describe()}, not {config.describe()}); "
+                         "pass --resume to continue it or choose another --out")
+    return config
+
+
+@torch.no_grad()
+def evaluate(model, data: LMData, s: TrainSettings) -> dict:
+    model.eval()
+    with autocast(data.device, s.dtype):
+        loss = evaluate_lm(model, data, s.eval_iters)
+    model.train()
+    return {"val_loss": loss}
+
+
+def train(model, data: LMData, optimizer, scaler, state: TrainState, s: TrainSettings, run: RunDir, save,
+          meter: Meter, world: int, log, show_progress: bool) -> None:
+    """The training loop: optimizer steps until max_steps, the time budget or stop_at_step."""
+    device = data.device
+    step_model = wrap_ddp(model, device, world)
+    step_model = torch.compile(step_model) if s.compile else step_model
+    bar, first = ProgressBar(s, state, show_progress), True
+    while not state.done(s):
+        t0 = time.perf_counter()
+        lr = set_lr(optimizer, lr_at(state.progress(s), state.step, s))
+        micro = [data.next() for _ in range(s.grad_accum)]
+        n_targets = count_targets([y for _, y in micro])  # the step's target tokens, all processes
+        step_loss = torch.zeros((), device=device)
+        for i, (x, y) in enumerate(micro):
+            with grad_sync(step_model, i == len(micro) - 1), autocast(device, s.dtype):
+                _, loss = step_model(x, y)
+            part = token_share(loss, y, n_targets)
+            scaler.scale(part * world).backward()  # DDP averages over processes: * world makes it a sum
+            step_loss += part.detach()
+        grad_norm = clip_gradients(model, optimizer, scaler, s.grad_clip)
+        time_up = bool(s.time_budget) and state.elapsed + time.perf_counter() - t0 >= s.time_budget
+        loss, finite, state.out_of_time = sync_step(step_loss, grad_norm, time_up)  # the one host sync
+        if finite or scaler.is_enabled():  # the fp16 scaler skips non-finite steps itself
+            scaler.step(optimizer)
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if not finite:
+            skip_step(state, s, loss, run.path, log)
+        state.advance(time.perf_counter() - t0, sum(x.numel() for x, _ in micro) * world, meter, first and s.compile)
+        first = False
+        bar.update(state, loss, meter, "tok")
+        evaluating = bool(s.eval_interval) and state.step % s.eval_interval == 0 and not state.done(s)
+        if state.step % s.log_interval == 0 or evaluating or state.done(s):
+            row = meter.row(state, loss, lr, "tok")
+            if evaluating and data.val is not None and len(data.val):
+                row.update(evaluate(model, data, s))
+                bar.write(f"step {state.step}: val loss {row['val_loss']:.4f}", log)
+            run.log(row)
+        if state.checkpoint_due(s, evaluating):
+            save()
+    bar.close()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    opts = resolve(args)
     rank, world, device = setup_distributed()
     log = print if rank == 0 else (lambda *a, **k: None)
-    out = opts["out"]
-    seed_everything(opts["seed"])
-
-    # -- an existing run in --out: continue it (--resume) or refuse to clobber another shape ----
-    existing = find_checkpoint(out) if os.path.isdir(out) else None
-    if args.resume and existing is None:
-        raise ValueError(f"--resume: {out} holds no checkpoint to continue")
-    saved = read_config(existing) if existing else None
+    args.out = args.out or os.path.join("out", (args.preset or "default") + (f"-{args.model}" if args.model else ""))
+    saved = existing_run(args.out, args.resume)
+    opts = resolve(args, saved if args.resume else None)
+    s = TrainSettings.from_options(opts)
+    seed_everything(s.seed)
 
     # -- data ------------------------------------------------------------------------------------
-    docs = read_corpus(args.data)
-    if args.resume:
-        tokenizer = load_tokenizer(existing)
-    else:
-        tokenizer = make_tokenizer(opts["tokenizer"], docs, opts["vocab_size"])
-    tokens = tokenize_corpus(docs, tokenizer)
-    block = opts.get("block_size") or PRESETS[opts["base"]].block_size
-    train_tokens, val_tokens = split(tokens, opts["val_fraction"], block)
-
-    # -- model -----------------------------------------------------------------------------------
-    overrides = {k: opts[k] for k in MODEL_FLAGS if k in opts and opts[k] is not None}
-    overrides["vocab_size"] = tokenizer.vocab_size
-    config = PRESETS[opts["base"]].replace(**overrides)
-    if saved is not None:
-        old = ModelConfig.from_dict(saved["model"])
-        if args.resume:
-            given = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
-            if "block_size" in given and given["block_size"] > old.block_size:
-                raise ValueError(f"--block-size {given['block_size']} is longer than the checkpoint's context "
-                                 f"of {old.block_size} positions")
-            clash = [f"--{k.replace('_', '-')} {v} (checkpoint: {getattr(old, k)})" for k, v in given.items()
-                     if getattr(old, k) != v and k not in ("dropout", "attention_backend", "use_kernels", "chunked_ce")]
-            if clash:
-                raise ValueError(f"--resume: flags disagree with the checkpoint in {out}: {', '.join(clash)}")
-            config = old.replace(**{k: v for k, v in given.items() if k in ("dropout", "attention_backend",
-                                                                           "use_kernels", "chunked_ce")})
-        elif _shape(old) != _shape(config):
-            raise ValueError(f"{out} holds a checkpoint of another shape ({_describe(old)}, not {_describe(config)}); "
-                             "pass --resume to continue it or choose another --out")
+    docs = read_corpus(opts["data"])
+    tokenizer = load_tokenizer(saved["path"]) if args.resume else make_tokenizer(opts["tokenizer"], docs, opts["vocab_size"])
+    data_key = corpus_key(docs, tokenizer)
+    if args.resume and saved["train"].get("data_key") not in (None, data_key):
+        raise ValueError(f"--resume: the corpus {opts['data'] or '(Python docs)'} is not the one {args.out} was trained on")
+    config = model_config(opts, tokenizer, saved, args.resume, args.out)
     check_vocab(tokenizer, config.vocab_size)
+    train_tokens, val_tokens = split(tokenize_corpus(docs, tokenizer), opts["val_fraction"], config.block_size)
+    data = LMData(train_tokens, val_tokens, config.block_size, s.batch_size, s.seed, device,
+                  mask_with=tokenizer if config.arch == "bert" else None, rank=rank, world=world)
+
+    # -- model and optimizer ---------------------------------------------------------------------
     model = build_model(config).to(device)
-    if world > 1:
-        torch.distributed.barrier()
-
-    settings = TrainSettings(**{k: opts[k] for k in TrainSettings.__dataclass_fields__ if k in opts},
-                             progress=not args.no_progress and rank == 0)
-    batch, world_batch = opts["batch_size"], opts["batch_size"] * world
-    train_batches = Batches(train_tokens, config.block_size, seed=opts["seed"], rank=rank, world=world)
-    mask_gen = torch.Generator().manual_seed(opts["seed"] + 1)
-
-    def get_batch():
-        x, y = train_batches.causal_lm(world_batch)
-        if config.arch == "bert":
-            x, y = mask_tokens(x, tokenizer, tokenizer.vocab_size, mask_gen)
-        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-
-    def loss_fn(m, b):
-        x, y = b
-        _, loss = m(x, y)
-        return loss, x.numel()
-
-    def evaluate(m):
-        # the same validation windows (and masks) at every evaluation, so the numbers compare
-        vb = Batches(val_tokens, config.block_size, seed=0)
-        vgen = torch.Generator().manual_seed(1)
-        losses = []
-        for _ in range(opts["eval_iters"]):
-            x, y = vb.causal_lm(batch)
-            if config.arch == "bert":
-                x, y = mask_tokens(x, tokenizer, tokenizer.vocab_size, vgen)
-            _, loss = m(x.to(device), y.to(device))
-            losses.append(loss.float().item())
-        return {"val_loss": sum(losses) / len(losses)} if losses else {}
-
-    def data_state():
-        return {"train": train_batches.state(), "mask": mask_gen.get_state()}
-
-    def load_data_state(st):
-        train_batches.load_state(st["train"])
-        mask_gen.set_state(st["mask"])
-
-    os.makedirs(out, exist_ok=True)
-    extra = {"train": {k: v for k, v in opts.items() if isinstance(v, (int, float, str, bool, type(None)))},
-             "task": "causal_lm" if config.arch == "gpt" else "masked_lm"}
-    trainer = Trainer(model, settings, out, get_batch=get_batch, loss_fn=loss_fn,
-                      evaluate=evaluate if opts["val_fraction"] > 0 else None,
-                      data_state=data_state, load_data_state=load_data_state, config=config,
-                      tokenizer=tokenizer, extra_config=extra, rank=rank, world=world, device=device, log=log)
+    model.gradient_checkpointing = s.activation_checkpointing
+    if config.arch == "bert":  # the masked-LM loss never reaches the pooler; DDP needs a gradient for every trainable weight
+        model.pooler.requires_grad_(False)
+    optimizer = make_optimizer(model, s)
+    scaler = torch.amp.GradScaler(device.type, enabled=s.dtype == "float16")
+    state = TrainState()
     if args.resume:
-        trainer.resume(existing)
-        log(f"resumed {out} at step {trainer.step}")
-    else:  # a fresh run; an earlier one's outputs (even one killed before its first checkpoint) go
-        if existing:
-            log(f"{out} holds an earlier run of the same shape: starting afresh and replacing it")
-        for name in ("metrics.jsonl", "summary.json", "loss.png"):
-            if rank == 0 and os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
-
+        resume_training(saved["path"], model, optimizer, scaler, state, data)
+        log(f"resumed {args.out} at step {state.step}")
+    elif saved is not None:
+        log(f"{args.out} holds an earlier run of the same shape: starting afresh and replacing it")
+    run = RunDir(args.out, rank == 0)
+    run.start(state.step if args.resume else None)
+    record = {"train": {**{k: v for k, v in opts.items() if isinstance(v, (int, float, str, bool, type(None)))},
+                        "data_key": data_key},
+              "task": "causal_lm" if config.arch == "gpt" else "masked_lm"}
+    save = functools.partial(save_training, args.out, model, optimizer, scaler, state, s, data, config=config,
+                             tokenizer=tokenizer, extra=record) if rank == 0 else (lambda: None)
     n_params = sum(p.numel() for p in model.parameters())
-    peak = measure_matmul_peak(device, settings.dtype)
-    fpt = flops_per_token(model, config.block_size)
-    log(f"{config.arch.upper()}: {n_params / 1e6:.2f}M parameters, {config.n_layer} layers, {config.n_head} heads, "
-        f"width {config.n_embd}, context {config.block_size}, {config.pos_encoding} positions | "
-        f"{len(train_tokens):,} train / {len(val_tokens):,} val tokens, vocab {tokenizer.vocab_size} | "
-        f"device {device}, {settings.dtype}, {world} process(es), matmul peak {peak / 1e9:.0f} GFLOP/s")
+    meter = Meter(flops_per_token(model, config.block_size), measure_matmul_peak(device, s.dtype))
+    log(f"{config.arch.upper()}: {n_params / 1e6:.2f}M parameters, {config.describe()}, {config.pos_encoding} "
+        f"positions | {len(train_tokens):,} train / {len(val_tokens):,} val tokens | device {device}, {s.dtype}, "
+        f"{world} process(es), matmul peak {meter.peak_flops / 1e9:.0f} GFLOP/s")
+    log("settings: " + ", ".join(f"{k}={v}" for k, v in sorted(record["train"].items()) if k != "data_key"))
 
+    # -- training --------------------------------------------------------------------------------
+    wall0 = time.perf_counter()
     try:
-        summary = trainer.fit(flops_per_item=fpt, peak_flops=peak, unit="tok")
+        train(model, data, optimizer, scaler, state, s, run, save, meter, world, log, not args.no_progress and rank == 0)
     except TrainingStopped as e:
         raise ValueError(str(e)) from None
-    if rank == 0:
-        summary.update(parameters=n_params, preset=args.preset, device=str(device), dtype=settings.dtype,
-                       world_size=world, matmul_peak_flops=round(peak))
-        write_json_atomic(os.path.join(out, "summary.json"), summary)
-        plot = plot_losses(trainer.history, os.path.join(out, "loss.png"))
-        log(f"done: {summary['steps']} steps in {summary['train_seconds']:.0f}s of training "
-            f"({summary['wall_seconds']:.0f}s wall), val loss {summary.get('val_loss', float('nan')):.4f}, "
-            f"{summary['tok_per_s'] or 0:,.0f} tok/s, MFU {100 * (summary['mfu'] or 0):.1f}%")
-        if opts["sample_tokens"] > 0:
-            log("--- sample ---")
-            log(sample(model, tokenizer, val_tokens, opts["sample_tokens"], device))
-            log("--------------")
-        log(f"wrote {summary['checkpoint']}, {os.path.join(out, 'metrics.jsonl')}, "
-            f"{os.path.join(out, 'summary.json')}" + (f", {plot}" if plot else " (no loss.png: matplotlib is not installed)"))
-        log(f"sample more: python -m minillm.generate --ckpt {out} --prompt \"...\"")
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    except KeyboardInterrupt:
+        if state.step > 0:
+            log(f"interrupted: saved {save()} at step {state.step}")
+        raise
+    final = evaluate(model, data, s) if len(val_tokens) else {}
+    run.log({"step": state.step, **final})
+    path = save()
+    summary = {"steps": state.step, "train_seconds": round(state.elapsed, 2),
+               "wall_seconds": round(time.perf_counter() - wall0, 2), "compile_seconds": round(state.compile_seconds, 2),
+               "tok_per_s": run.median("tok_per_s"), "mfu": meter.mfu(run.median("tok_per_s") or 0.0),
+               "skipped_steps": state.skips, "checkpoint": path, **final, "parameters": n_params,
+               "preset": opts["preset"], "device": str(device), "dtype": s.dtype, "world_size": world,
+               "matmul_peak_flops": round(meter.peak_flops)}
+    plot = run.finish(summary)
+    report(summary, plot, model, tokenizer, (train_tokens, val_tokens), opts, args.out, device, log)
+    finish_distributed(world)
+    if final and final["val_loss"] != final["val_loss"]:
+        raise ValueError(f"the run ended with a non-finite validation loss ({final['val_loss']}); lower --lr?")
     return 0
 
 
-def sample(model, tokenizer, val_tokens, n, device) -> str:
-    """GPT: a continuation of the start of the validation text. BERT: a filled-in masked snippet."""
+def report(summary, plot, model, tokenizer, tokens, opts, out, device, log) -> None:
+    train_tokens, val_tokens = tokens
+    val = f", val loss {summary['val_loss']:.4f}" if "val_loss" in summary else ""
+    log(f"done: {summary['steps']} steps in {summary['train_seconds']:.0f}s of training "
+        f"({summary['wall_seconds']:.0f}s wall){val}, {summary['tok_per_s'] or 0:,.0f} tok/s, "
+        f"MFU {100 * (summary['mfu'] or 0):.1f}%")
+    if opts["sample_tokens"] > 0:
+        log("--- sample ---")
+        log(sample(model, tokenizer, val_tokens if len(val_tokens) else train_tokens, opts["sample_tokens"], device))
+        log("--------------")
+    log(f"wrote {summary['checkpoint']}, {os.path.join(out, 'metrics.jsonl')}, {os.path.join(out, 'summary.json')}"
+        + (f", {plot}" if plot else " (no loss.png: matplotlib is not installed)"))
+    if model.config.arch == "gpt":
+        log(f"sample more: python -m minillm.generate --ckpt {out} --prompt \"...\"")
+
+
+def sample(model, tokenizer, text_tokens, n, device) -> str:
+    """GPT: a continuation of the start of the (validation) text. BERT: a filled-in masked snippet."""
     model.eval()
     gen = torch.Generator(device=device).manual_seed(0)
-    prompt = torch.tensor(val_tokens[: min(32, model.config.block_size // 2)].astype("int64"), device=device)[None]
+    prompt = torch.tensor(text_tokens[: min(32, model.config.block_size // 2)].astype("int64"), device=device)[None]
     if model.config.arch == "gpt":
         out = model.generate(prompt, n, temperature=0.8, top_k=50, generator=gen)
         return tokenizer.decode(out[0].tolist())
@@ -285,15 +291,6 @@ def sample(model, tokenizer, val_tokens, n, device) -> str:
     filled = x.clone()
     filled[0, pos] = logits[0, pos].argmax(-1)
     return f"masked: {tokenizer.decode(x[0].tolist())!r}\nfilled: {tokenizer.decode(filled[0].tolist())!r}"
-
-
-def _shape(c: ModelConfig):
-    return (c.arch, c.vocab_size, c.n_layer, c.n_head, c.kv_heads, c.n_embd, c.inner, c.block_size,
-            c.pos_encoding, c.norm, c.activation, c.bias)
-
-
-def _describe(c: ModelConfig) -> str:
-    return f"{c.arch} {c.n_layer}x{c.n_embd}, {c.n_head} heads, vocab {c.vocab_size}, context {c.block_size}"
 
 
 if __name__ == "__main__":

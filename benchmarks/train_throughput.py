@@ -19,8 +19,9 @@ import torch
 from minillm import GPT
 from minillm.config import preset
 from minillm.data import Batches, read_corpus, tokenize_corpus
+from minillm.device import flops_per_token, measure_matmul_peak
 from minillm.tokenizer import CharTokenizer
-from minillm.training import TrainSettings, flops_per_token, make_optimizer, measure_matmul_peak
+from minillm.training import TrainSettings, make_optimizer
 
 from benchmarks.timing import cpu_name
 
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
         mode, dt = v.split("-", 1)
         torch.manual_seed(0)
         model = GPT(cfg)
-        opt = make_optimizer(model, TrainSettings(lr=1e-3), torch.device("cpu"))
+        opt = make_optimizer(model, TrainSettings(lr=1e-3))
         step = make_step(model, opt, mode == "compile", alias[dt])
         t0 = time.perf_counter()
         for _ in range(3):  # warm-up (and compile)

@@ -8,12 +8,20 @@ Kernels are checked without a GPU in two ways (see README): numerically under
 ``TRITON_INTERPRET=1`` and by compiling them for sm_80/sm_90 (``python -m kernels.report``).
 Each kernel module exposes ``compile_specs()``, a list of :class:`CompileSpec`
 describing its kernels at their default launch configuration, which the report compiles.
+
+Every op file has one layout: the ``@triton.jit`` kernels, module-level launchers
+(``_forward``/``_backward``: allocate outputs, pick the launch configuration, launch), a thin
+``torch.autograd.Function`` that only calls the launchers, the plain-PyTorch reference, the
+input checks, the public op (which falls back to the reference where Triton cannot run) and
+``compile_specs``. What several ops share (row launches, the row view) lives here.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+import torch
 
 try:  # Triton ships for Linux only; everything here must still import elsewhere.
     import triton
@@ -56,6 +64,39 @@ def triton_usable(*tensors) -> bool:
     if INTERPRET:
         return True
     return all(t.is_cuda for t in tensors)
+
+
+# Row kernels (one program per row, as the norms) hold a whole row in registers; wider rows
+# use the op's PyTorch reference.
+MAX_FUSED_SIZE = 65536
+
+
+def row_launch_config(n: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) for one program per row of n elements: about 8 elements per
+    thread, so the norms' backward keeps its five live row vectors in registers (no spills up
+    to N = 4096, checked by the compile report)."""
+    block = triton.next_power_of_2(n)
+    return block, min(max(block // 256, 4), 16)
+
+
+def num_partials(device: torch.device, m: int) -> int:
+    """How many programs share a reduction over m rows (the norms' dweight/dbias): two per SM
+    on a GPU, enough to fill it while the final sum over the partial rows stays small."""
+    if device.type == "cuda":
+        return max(1, min(m, torch.cuda.get_device_properties(device).multi_processor_count * 2))
+    return max(1, min(m, 4))
+
+
+def contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t laid out contiguously (no copy when it already is); None for an absent weight or bias."""
+    return t.contiguous() if t is not None else None
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (..., N) as (M, N) rows with a contiguous last dimension: a view where possible (the
+    kernels take a row stride), a copy otherwise."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
 @dataclass

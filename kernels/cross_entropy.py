@@ -64,7 +64,11 @@ def _cross_entropy_fwd_kernel(
         mask = offs < V
         x = tl.load(x_ptr + offs, mask=mask, other=-float("inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        # While every logit so far is -inf (a masked-out block of the vocabulary), m_new is
+        # -inf too: subtract 0 instead, so that exp(-inf - -inf) never makes a NaN and the
+        # block adds exp(-inf) = 0 to d.
+        m_sub = tl.where(m_new == -float("inf"), 0.0, m_new)
+        d = d * tl.exp(m - m_sub) + tl.sum(tl.exp(x - m_sub), axis=0)
         m = m_new
         x_target += tl.sum(tl.where(offs == target, x, 0.0), axis=0)
         if HAS_SMOOTHING:
@@ -132,6 +136,7 @@ def loss_and_dlogits(logits: torch.Tensor, targets: torch.Tensor, *, ignore_inde
                      out: torch.Tensor | None = None, write_grad: bool = True):
     """Per-row float32 loss (N,) and dlogits (N, V) = d(sum_i loss_i * grad_scale)/dlogits.
 
+    The launcher of the kernel, shared with the chunked linear + cross-entropy.
     `grad_scale` is a one-element float32 tensor (1 / number of valid rows, for a mean) kept
     on the device so that no host synchronisation is needed; `out` receives dlogits and may
     be `logits` itself. Uses the Triton kernel where it can run, PyTorch otherwise.
@@ -141,13 +146,16 @@ def loss_and_dlogits(logits: torch.Tensor, targets: torch.Tensor, *, ignore_inde
     if not triton_usable(logits, targets):
         return _loss_and_dlogits_reference(logits, targets, ignore_index, label_smoothing,
                                            grad_scale, out, write_grad)
+    # The kernel takes a row stride for logits and dlogits, but reads targets[row] at offset
+    # row: a strided view of targets (a column of a (N, k) tensor) must be made contiguous.
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
+    targets = targets.contiguous()
     n, v = logits.shape
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     dlogits = None
     if write_grad:
-        dlogits = out if out is not None else torch.empty_like(logits)
+        dlogits = out if out is not None else torch.empty((n, v), dtype=logits.dtype, device=logits.device)
     block, warps = _launch_config(v)
     if n > 0:
         _cross_entropy_fwd_kernel[(n,)](
@@ -159,25 +167,40 @@ def loss_and_dlogits(logits: torch.Tensor, targets: torch.Tensor, *, ignore_inde
     return loss, dlogits
 
 
+def _forward(logits, targets, ignore_index, label_smoothing, reduction, write_grad):
+    """The reduced loss, and dlogits (N, V) already scaled for the reduction (None when
+    write_grad is False)."""
+    n_valid = (targets != ignore_index).sum().to(torch.float32)
+    if reduction == "mean":
+        grad_scale = 1.0 / n_valid
+    else:
+        grad_scale = torch.ones((), dtype=torch.float32, device=logits.device)
+    loss, dlogits = loss_and_dlogits(logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                     grad_scale=grad_scale, write_grad=write_grad)
+    if reduction == "mean":
+        return loss.sum() / n_valid, dlogits
+    if reduction == "sum":
+        return loss.sum(), dlogits
+    return loss, dlogits
+
+
+def _backward(dlogits, grad_output, reduction):
+    """dlogits times grad_output (a scalar, or (N,) for reduction="none"), in place: dlogits
+    is the forward's own buffer, so no second (N, V) tensor is allocated."""
+    if reduction == "none":
+        return dlogits.mul_(grad_output[:, None].to(dlogits.dtype))
+    return dlogits.mul_(grad_output.to(dlogits.dtype))
+
+
 class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, label_smoothing, reduction, grad_enabled):
-        n_valid = (targets != ignore_index).sum().to(torch.float32)
-        if reduction == "mean":
-            grad_scale = 1.0 / n_valid
-        else:
-            grad_scale = torch.ones((), dtype=torch.float32, device=logits.device)
-        loss, dlogits = loss_and_dlogits(
-            logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing,
-            # needs_input_grad ignores torch.no_grad(), so the caller passes whether grad mode is on.
-            grad_scale=grad_scale, write_grad=grad_enabled and ctx.needs_input_grad[0])
+        # needs_input_grad ignores torch.no_grad(), so the caller passes whether grad mode is on.
+        loss, dlogits = _forward(logits, targets, ignore_index, label_smoothing, reduction,
+                                 write_grad=grad_enabled and ctx.needs_input_grad[0])
         ctx.save_for_backward(dlogits)
         ctx.reduction = reduction
         ctx.used = False
-        if reduction == "mean":
-            return loss.sum() / n_valid
-        if reduction == "sum":
-            return loss.sum()
         return loss
 
     @staticmethod
@@ -187,12 +210,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
                                "backward, so backward through it twice (retain_graph) is not supported")
         ctx.used = True
         (dlogits,) = ctx.saved_tensors
-        # dlogits is this Function's own buffer: scale it in place rather than allocate another (N, V).
-        if ctx.reduction == "none":
-            dlogits.mul_(grad_output[:, None].to(dlogits.dtype))
-        else:
-            dlogits.mul_(grad_output.to(dlogits.dtype))
-        return dlogits, None, None, None, None, None
+        return _backward(dlogits, grad_output, ctx.reduction), None, None, None, None, None
 
 
 def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,

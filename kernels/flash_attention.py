@@ -512,6 +512,8 @@ def _kernel_flags(q: torch.Tensor) -> dict:
 
 
 def _forward(q, k, v, causal: bool, scale: float, kv_lens):
+    """(out, lse). The kernels take strides for every dimension of q, k and v but the last,
+    which must be contiguous (the public op sees to it), and read kv_lens (int32) densely."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     flags = _kernel_flags(q)
@@ -531,6 +533,12 @@ def _forward(q, k, v, causal: bool, scale: float, kv_lens):
 
 
 def _backward(do, q, k, v, o, lse, dlse, causal: bool, scale: float, kv_lens):
+    """(dq, dk, dv) for the upstream gradients of out (do) and of the LSE (dlse); either may
+    be None (that output took no part in the loss). The kernels take strides for every
+    dimension of do but the last."""
+    if do is None:
+        do = torch.zeros_like(o)
+    do = _last_dim_contiguous(do)
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     flags = _kernel_flags(q)
@@ -590,16 +598,44 @@ class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse, kv_lens = ctx.saved_tensors
-        if do is None:  # only the LSE was used
-            do = torch.zeros_like(o)
-        do = _last_dim_contiguous(do)
         dq, dk, dv = _backward(do, q, k, v, o, lse, dlse, ctx.causal, ctx.scale, kv_lens)
         return dq, dk, dv, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
-# Public API
+# Reference, input checks, public API
 # ----------------------------------------------------------------------------------------------
+
+
+def attention_reference(q, k, v, *, causal=False, softmax_scale=None, kv_lens=None):
+    """Plain float32 PyTorch attention with the same conventions as `flash_attention`.
+
+    Returns (out, lse): out (B, H, Tq, D) float32, lse (B, H, Tq) float32 with -inf for rows that
+    see no key (their output is 0). Differentiable; the gradients of such rows are 0.
+    """
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
+    qf, kf, vf = q.float(), k.float(), v.float()
+    if Hkv != H:
+        kf = kf.repeat_interleave(H // Hkv, dim=1)
+        vf = vf.repeat_interleave(H // Hkv, dim=1)
+    scores = (qf @ kf.transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
+    visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
+    if causal:
+        i = torch.arange(Tq, device=q.device)[:, None]
+        j = torch.arange(Tk, device=q.device)[None, :]
+        visible = j <= i + (Tk - Tq)
+    visible = visible.expand(B, 1, Tq, Tk)
+    if kv_lens is not None:
+        keys = torch.arange(Tk, device=q.device)
+        visible = visible & (keys[None, :] < kv_lens.to(q.device).long()[:, None])[:, None, None, :]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    # exp(-inf - -inf) would be NaN on rows with no visible key; subtracting 0 there gives p = 0.
+    lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    p = torch.exp(scores - lse_safe[..., None])
+    return p @ vf, lse
 
 
 def _check_inputs(q, k, v, softmax_scale, kv_lens):
@@ -646,37 +682,6 @@ def _check_inputs(q, k, v, softmax_scale, kv_lens):
         if tuple(kv_lens.shape) != (B,):
             raise ValueError(f"flash_attention: kv_lens must have shape ({B},), "
                              f"got {tuple(kv_lens.shape)}")
-
-
-def attention_reference(q, k, v, *, causal=False, softmax_scale=None, kv_lens=None):
-    """Plain float32 PyTorch attention with the same conventions as `flash_attention`.
-
-    Returns (out, lse): out (B, H, Tq, D) float32, lse (B, H, Tq) float32 with -inf for rows that
-    see no key (their output is 0). Differentiable; the gradients of such rows are 0.
-    """
-    B, H, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
-    qf, kf, vf = q.float(), k.float(), v.float()
-    if Hkv != H:
-        kf = kf.repeat_interleave(H // Hkv, dim=1)
-        vf = vf.repeat_interleave(H // Hkv, dim=1)
-    scores = (qf @ kf.transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
-    visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
-    if causal:
-        i = torch.arange(Tq, device=q.device)[:, None]
-        j = torch.arange(Tk, device=q.device)[None, :]
-        visible = j <= i + (Tk - Tq)
-    visible = visible.expand(B, 1, Tq, Tk)
-    if kv_lens is not None:
-        keys = torch.arange(Tk, device=q.device)
-        visible = visible & (keys[None, :] < kv_lens.to(q.device).long()[:, None])[:, None, None, :]
-    scores = scores.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    # exp(-inf - -inf) would be NaN on rows with no visible key; subtracting 0 there gives p = 0.
-    lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    p = torch.exp(scores - lse_safe[..., None])
-    return p @ vf, lse
 
 
 def flash_attention(q, k, v, *, causal=False, softmax_scale=None, kv_lens=None, return_lse=False):

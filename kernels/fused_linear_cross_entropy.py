@@ -49,58 +49,72 @@ def _autocast_dtype(device_type: str):
     return None
 
 
+def _forward(hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, chunk_size,
+             need_h, need_w, need_b):
+    """The reduced float32 loss and the gradients asked for (None for the others):
+    grad_hidden (N, C) in hidden's dtype, grad_weight (V, C) and grad_bias (V,) in weight's
+    and bias's dtypes, each for a grad_output of 1."""
+    n, c = hidden.shape
+    v = weight.shape[0]
+    need_any = need_h or need_w or need_b
+    device_type = hidden.device.type
+    compute_dtype = _autocast_dtype(device_type) or hidden.dtype
+
+    n_valid = (targets != ignore_index).sum().to(torch.float32)
+    if reduction == "mean":
+        grad_scale = 1.0 / n_valid
+    else:
+        grad_scale = torch.ones((), dtype=torch.float32, device=hidden.device)
+
+    grad_hidden = torch.empty((n, c), dtype=hidden.dtype, device=hidden.device) if need_h else None
+    grad_weight = torch.zeros((v, c), dtype=torch.float32, device=weight.device) if need_w else None
+    grad_bias = torch.zeros(v, dtype=torch.float32, device=weight.device) if need_b else None
+    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+
+    with torch.autocast(device_type, enabled=False):
+        w = weight.to(compute_dtype)
+        b = bias.to(compute_dtype) if bias is not None else None
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            h = hidden[start:end].to(compute_dtype)
+            logits = F.linear(h, w, b)  # (chunk, V), a fresh buffer we may overwrite
+            loss_rows, dlogits = loss_and_dlogits(
+                logits, targets[start:end], ignore_index=ignore_index, label_smoothing=label_smoothing,
+                grad_scale=grad_scale, out=logits, write_grad=need_any)
+            loss_sum += loss_rows.sum()
+            if need_h:
+                grad_hidden[start:end] = dlogits @ w
+            if need_w:
+                if compute_dtype == torch.float32:
+                    grad_weight.addmm_(dlogits.t(), h)
+                else:
+                    grad_weight += dlogits.t() @ h
+            if need_b:
+                grad_bias += dlogits.sum(0, dtype=torch.float32)
+            del logits, dlogits
+
+    loss = loss_sum / n_valid if reduction == "mean" else loss_sum
+    return (loss, grad_hidden, grad_weight.to(weight.dtype) if need_w else None,
+            grad_bias.to(bias.dtype) if need_b else None)
+
+
+def _backward(grads, grad_output):
+    """The forward's gradients times the scalar grad_output, in place: grad_weight alone is
+    V x C, no need for a second copy."""
+    return [g.mul_(grad_output.to(g.dtype)) if g is not None else None for g in grads]
+
+
 class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, chunk_size,
                 grad_enabled):
-        n, c = hidden.shape
-        v = weight.shape[0]
         # needs_input_grad ignores torch.no_grad(), so the caller passes whether grad mode is on.
         need_h, need_w, _, need_b = (grad_enabled and needed for needed in ctx.needs_input_grad[:4])
-        need_any = need_h or need_w or need_b
-        device_type = hidden.device.type
-        compute_dtype = _autocast_dtype(device_type) or hidden.dtype
-
-        n_valid = (targets != ignore_index).sum().to(torch.float32)
-        if reduction == "mean":
-            grad_scale = 1.0 / n_valid
-        else:
-            grad_scale = torch.ones((), dtype=torch.float32, device=hidden.device)
-
-        grad_hidden = torch.empty_like(hidden) if need_h else None
-        grad_weight = torch.zeros((v, c), dtype=torch.float32, device=weight.device) if need_w else None
-        grad_bias = torch.zeros(v, dtype=torch.float32, device=weight.device) if need_b else None
-        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-
-        with torch.autocast(device_type, enabled=False):
-            w = weight.to(compute_dtype)
-            b = bias.to(compute_dtype) if bias is not None else None
-            for start in range(0, n, chunk_size):
-                end = min(start + chunk_size, n)
-                h = hidden[start:end].to(compute_dtype)
-                logits = F.linear(h, w, b)  # (chunk, V), a fresh buffer we may overwrite
-                loss_rows, dlogits = loss_and_dlogits(
-                    logits, targets[start:end], ignore_index=ignore_index, label_smoothing=label_smoothing,
-                    grad_scale=grad_scale, out=logits, write_grad=need_any)
-                loss_sum += loss_rows.sum()
-                if need_h:
-                    grad_hidden[start:end] = dlogits @ w
-                if need_w:
-                    if compute_dtype == torch.float32:
-                        grad_weight.addmm_(dlogits.t(), h)
-                    else:
-                        grad_weight += dlogits.t() @ h
-                if need_b:
-                    grad_bias += dlogits.sum(0, dtype=torch.float32)
-                del logits, dlogits
-
-        ctx.save_for_backward(
-            grad_hidden,
-            grad_weight.to(weight.dtype) if need_w else None,
-            grad_bias.to(bias.dtype) if need_b else None,
-        )
+        loss, *grads = _forward(hidden, weight, targets, bias, ignore_index, label_smoothing, reduction,
+                                chunk_size, need_h, need_w, need_b)
+        ctx.save_for_backward(*grads)
         ctx.used = False
-        return loss_sum / n_valid if reduction == "mean" else loss_sum
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -109,11 +123,7 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
                                "the first backward, so backward through it twice (retain_graph) is not "
                                "supported")
         ctx.used = True
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        # Scale in place: grad_weight alone is V x C, no need for a second copy.
-        for g in (grad_hidden, grad_weight, grad_bias):
-            if g is not None:
-                g.mul_(grad_output.to(g.dtype))
+        grad_hidden, grad_weight, grad_bias = _backward(ctx.saved_tensors, grad_output)
         return grad_hidden, grad_weight, None, grad_bias, None, None, None, None, None
 
 
@@ -138,6 +148,9 @@ def _check(hidden, weight, targets, bias, ignore_index, label_smoothing, chunk_s
         raise ValueError(f"{name}: targets must be int64 or int32 class indices, got {targets.dtype}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"{name}: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    for other_name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if t is not None and not t.is_floating_point():
+            raise ValueError(f"{name}: {other_name} must be floating point, got {t.dtype}")
     for other_name, t in (("weight", weight), ("targets", targets), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name}: {other_name} is on {t.device} but hidden is on {hidden.device}")

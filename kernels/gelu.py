@@ -44,24 +44,36 @@ def _gelu_bwd_kernel(DY, X, DX, n, BLOCK: tl.constexpr):
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
+def _forward(x):
+    """gelu(x) for x of any shape, and x as the flat contiguous buffer the kernels read (the
+    backward needs it)."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    n = x.numel()
+    _gelu_fwd_kernel[(triton.cdiv(n, BLOCK_SIZE),)](x, y, n, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
+    return y, x
+
+
+def _backward(dy, x):
+    """dx = dy * gelu'(x) for the upstream dy (any layout); x as `_forward` returned it."""
+    dy = dy.contiguous()
+    dx = torch.empty_like(x)
+    n = x.numel()
+    _gelu_bwd_kernel[(triton.cdiv(n, BLOCK_SIZE),)](dy, x, dx, n, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
+    return dx
+
+
 class _GeluFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        x = x.contiguous()
-        y = torch.empty_like(x)
-        n = x.numel()
-        _gelu_fwd_kernel[(triton.cdiv(n, BLOCK_SIZE),)](x, y, n, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
+        y, x = _forward(x)
         ctx.save_for_backward(x)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = torch.empty_like(x)
-        n = x.numel()
-        _gelu_bwd_kernel[(triton.cdiv(n, BLOCK_SIZE),)](dy, x, dx, n, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
-        return dx
+        return _backward(dy, x)
 
 
 def gelu_tanh_reference(x: torch.Tensor) -> torch.Tensor:

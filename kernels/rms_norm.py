@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels import CompileSpec, tl, triton, triton_usable
-
-MAX_FUSED_SIZE = 65536  # a whole row must fit in one program's registers
+from kernels import (MAX_FUSED_SIZE, CompileSpec, as_rows, contiguous, num_partials, row_launch_config, tl,
+                     triton, triton_usable)
 
 
 @triton.jit
@@ -77,63 +76,60 @@ def _rms_norm_bwd_kernel(
         tl.store(DB_partial + pid * N + cols, db, mask=mask)
 
 
-def _launch_config(n: int) -> tuple[int, int]:
-    """(BLOCK_N, num_warps) for a row of n elements: about 8 elements per thread."""
-    block = triton.next_power_of_2(n)
-    return block, min(max(block // 256, 4), 16)
+def _forward(x, weight, bias, eps):
+    """y = rms_norm(x) for x (..., N); also returns x as rows (M, N) and the rows' 1/rms (M,)
+    float32, which the backward needs."""
+    x2 = as_rows(x)
+    weight, bias = contiguous(weight), contiguous(bias)
+    m, n = x2.shape
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    block, warps = row_launch_config(n)
+    # Absent weight/bias: any pointer will do, the constexpr flags keep the kernel off it.
+    _rms_norm_fwd_kernel[(m,)](
+        x2, y, weight if weight is not None else x2, bias if bias is not None else x2, rstd,
+        x2.stride(0), y.stride(0), n, eps,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_N=block, num_warps=warps,
+    )
+    return y.view(x.shape), x2, rstd
 
 
-def _num_partials(x: torch.Tensor, m: int) -> int:
-    """How many programs share the dweight/dbias reduction: two per SM on a GPU."""
-    if x.is_cuda:
-        return max(1, min(m, torch.cuda.get_device_properties(x.device).multi_processor_count * 2))
-    return max(1, min(m, 4))
+def _backward(dy, x2, weight, rstd, bias_dtype):
+    """(dx (M, N), dweight, dbias) for the upstream dy (..., N). dweight is None without a
+    weight, dbias None when bias_dtype is None (no bias)."""
+    m, n = x2.shape
+    dy2 = as_rows(dy)
+    weight = contiguous(weight)
+    dx = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    has_weight, has_bias = weight is not None, bias_dtype is not None
+    rows_per_program = triton.cdiv(m, num_partials(x2.device, m))
+    groups = triton.cdiv(m, rows_per_program)
+    dw_partial = torch.empty((groups, n), dtype=torch.float32, device=x2.device) if has_weight else None
+    db_partial = torch.empty((groups, n), dtype=torch.float32, device=x2.device) if has_bias else None
+    block, warps = row_launch_config(n)
+    _rms_norm_bwd_kernel[(groups,)](
+        dy2, x2, weight if has_weight else x2, rstd, dx,
+        dw_partial if has_weight else rstd, db_partial if has_bias else rstd,
+        dy2.stride(0), x2.stride(0), dx.stride(0), m, n, rows_per_program,
+        HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_N=block, num_warps=warps,
+    )
+    dw = dw_partial.sum(0).to(weight.dtype) if has_weight else None
+    db = db_partial.sum(0).to(bias_dtype) if has_bias else None
+    return dx, dw, db
 
 
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        shape = x.shape
-        n = shape[-1]
-        x2 = x.reshape(-1, n)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        m = x2.shape[0]
-        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-        rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-        block, warps = _launch_config(n)
-        _rms_norm_fwd_kernel[(m,)](
-            x2, y, weight if weight is not None else x2, bias if bias is not None else x2, rstd,
-            x2.stride(0), y.stride(0), n, eps,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_N=block, num_warps=warps,
-        )
+        y, x2, rstd = _forward(x, weight, bias, eps)
         ctx.save_for_backward(x2, weight, rstd)
-        ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y.view(shape)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
-        m, n = x2.shape
-        dy2 = dy.reshape(-1, n)
-        if dy2.stride(-1) != 1:
-            dy2 = dy2.contiguous()
-        dx = torch.empty_like(x2)
-        has_weight = weight is not None
-        rows_per_program = triton.cdiv(m, _num_partials(x2, m))
-        groups = triton.cdiv(m, rows_per_program)
-        dw_partial = torch.empty((groups, n), dtype=torch.float32, device=x2.device) if has_weight else None
-        db_partial = torch.empty((groups, n), dtype=torch.float32, device=x2.device) if ctx.has_bias else None
-        block, warps = _launch_config(n)
-        _rms_norm_bwd_kernel[(groups,)](
-            dy2, x2, weight if has_weight else x2, rstd, dx,
-            dw_partial if has_weight else rstd, db_partial if ctx.has_bias else rstd,
-            dy2.stride(0), x2.stride(0), dx.stride(0), m, n, rows_per_program,
-            HAS_WEIGHT=has_weight, HAS_BIAS=ctx.has_bias, BLOCK_N=block, num_warps=warps,
-        )
-        dw = dw_partial.sum(0).to(weight.dtype) if has_weight else None
-        db = db_partial.sum(0).to(ctx.bias_dtype) if ctx.has_bias else None
+        dx, dw, db = _backward(dy, x2, weight, rstd, ctx.bias_dtype)
         return dx.view(dy.shape), dw, db, None
 
 
@@ -153,6 +149,9 @@ def _check(x, weight, bias):
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"rms_norm: x must have a non-empty last dimension, got shape {tuple(x.shape)}")
     n = x.shape[-1]
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and not t.is_floating_point():
+            raise ValueError(f"rms_norm: {name} must be floating point, got {t.dtype}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != (n,):
             raise ValueError(f"rms_norm: {name} must have shape ({n},) to match x's last dimension, "
@@ -172,16 +171,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6,
     tensors = [t for t in (x, weight, bias) if t is not None]
     if not triton_usable(*tensors) or x.shape[-1] > MAX_FUSED_SIZE or x.numel() == 0:
         return rms_norm_reference(x, weight, eps, bias)
-    return _RMSNormFunction.apply(
-        x, weight.contiguous() if weight is not None else None,
-        bias.contiguous() if bias is not None else None, float(eps))
+    return _RMSNormFunction.apply(x, weight, bias, float(eps))
 
 
 def compile_specs() -> list[CompileSpec]:
     """Forward and backward at GPT-2 (768) and Llama-7B (4096) widths, in bf16 and fp16."""
     specs = []
     for n, dtype in ((768, "bf16"), (4096, "bf16"), (4096, "fp16")):
-        block, warps = _launch_config(n)
+        block, warps = row_launch_config(n)
         c = {"HAS_WEIGHT": True, "HAS_BIAS": False, "BLOCK_N": block}
         specs.append(CompileSpec(
             f"rms_norm_fwd[N={n},{dtype}]", _rms_norm_fwd_kernel,

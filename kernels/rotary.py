@@ -66,11 +66,14 @@ def _launch_config(half: int) -> tuple[int, int, int]:
 
 
 def _rotate(q, k, cos, sin, backward: bool):
-    """One launch rotating q (B, H, T, D) and k (B, HK, T, D); returns new contiguous tensors."""
+    """One launch rotating q (B, H, T, D) and k (B, HK, T, D); returns new contiguous tensors.
+    The kernel takes strides for every dimension of q and k but the last, and for the rows of
+    the (T, D/2) tables."""
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:
         k = k.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
     b, h, t, d = q.shape
     hk = k.shape[1]
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -121,6 +124,9 @@ def _check(q, k, cos, sin):
                          f"length and head dim")
     if d % 2:
         raise ValueError(f"apply_rotary: the head dim must be even, got {d}")
+    for name, x in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        if not x.is_floating_point():
+            raise ValueError(f"apply_rotary: {name} must be floating point, got {x.dtype}")
     for name, x in (("cos", cos), ("sin", sin)):
         if tuple(x.shape) != (t, d // 2):
             raise ValueError(f"apply_rotary: {name} must be (T, D/2) = ({t}, {d // 2}), got {tuple(x.shape)} "
@@ -141,7 +147,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     _check(q, k, cos, sin)
     if not triton_usable(q, k, cos, sin):
         return apply_rotary_reference(q, k, cos, sin)
-    return _RotaryFunction.apply(q, k, cos.contiguous(), sin.contiguous())
+    return _RotaryFunction.apply(q, k, cos, sin)
 
 
 def compile_specs() -> list[CompileSpec]:

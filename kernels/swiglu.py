@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import CompileSpec, tl, triton, triton_usable
+from kernels import CompileSpec, as_rows, tl, triton, triton_usable
 
 BLOCK_SIZE = 1024
 NUM_WARPS = 4
@@ -47,37 +47,42 @@ def _swiglu_bwd_kernel(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_d
     tl.store(DU + row * stride_du + cols, du.to(DU.dtype.element_ty), mask=mask)
 
 
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    """x as (M, N) with a contiguous last dimension, a view where possible."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+def _forward(gate, up):
+    """silu(gate) * up for gate, up (..., N); also returns both as the (M, N) rows the
+    kernels read (views where possible), which the backward needs."""
+    g2, u2 = as_rows(gate), as_rows(up)
+    m, n = g2.shape
+    y = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
+    _swiglu_fwd_kernel[(m, triton.cdiv(n, BLOCK_SIZE))](
+        g2, u2, y, g2.stride(0), u2.stride(0), y.stride(0), n, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
+    return y.view(gate.shape), g2, u2
+
+
+def _backward(dy, g2, u2):
+    """(dgate, dup), each (M, N), for the upstream dy (..., N)."""
+    m, n = g2.shape
+    dy2 = as_rows(dy)
+    dg = torch.empty((m, n), dtype=g2.dtype, device=g2.device)
+    du = torch.empty((m, n), dtype=u2.dtype, device=u2.device)
+    _swiglu_bwd_kernel[(m, triton.cdiv(n, BLOCK_SIZE))](
+        dy2, g2, u2, dg, du, dy2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0), du.stride(0), n,
+        BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
+    return dg, du
 
 
 class _SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
-        shape = gate.shape
-        g2, u2 = _as_rows(gate), _as_rows(up)
-        m, n = g2.shape
-        y = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
-        _swiglu_fwd_kernel[(m, triton.cdiv(n, BLOCK_SIZE))](
-            g2, u2, y, g2.stride(0), u2.stride(0), y.stride(0), n, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
+        y, g2, u2 = _forward(gate, up)
         ctx.save_for_backward(g2, u2)
-        ctx.shapes = (gate.shape, up.shape)
-        return y.view(shape)
+        ctx.shape = gate.shape
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         g2, u2 = ctx.saved_tensors
-        m, n = g2.shape
-        dy2 = _as_rows(dy)
-        dg = torch.empty((m, n), dtype=g2.dtype, device=g2.device)
-        du = torch.empty((m, n), dtype=u2.dtype, device=u2.device)
-        _swiglu_bwd_kernel[(m, triton.cdiv(n, BLOCK_SIZE))](
-            dy2, g2, u2, dg, du, dy2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0), du.stride(0), n,
-            BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
-        gate_shape, up_shape = ctx.shapes
-        return dg.view(gate_shape), du.view(up_shape)
+        dg, du = _backward(dy, g2, u2)
+        return dg.view(ctx.shape), du.view(ctx.shape)
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import BACKENDS
+from .kernel_dispatch import triton_available
+from .positional import apply_rotary
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -171,23 +173,19 @@ def resolve_backend(name: str, device: torch.device, needs_mask: bool = False) -
         raise ValueError(f"attention backend {name!r} is not one of {list(BACKENDS)}")
     if name != "auto":
         return name
-    if device.type == "cuda" and not needs_mask:
-        try:
-            import kernels
-
-            if kernels.HAS_TRITON:
-                return "triton"
-        except ImportError:
-            pass
+    if device.type == "cuda" and not needs_mask and triton_available():
+        return "triton"
     return "sdpa"
 
 
 def attention(q, k, v, backend="auto", attn_mask=None, key_padding_mask=None, is_causal=False,
               scale=None, dropout_p=0.0):
     """Dispatch to one of the three implementations; all share the conventions above."""
-    _check_qkv(q, k, v)
     backend = resolve_backend(backend, q.device, needs_mask=attn_mask is not None or dropout_p > 0)
-    fn = {"naive": scaled_dot_product_attention, "sdpa": _sdpa_backend, "triton": _triton_backend}[backend]
+    if backend == "naive":  # checks its own inputs
+        return scaled_dot_product_attention(q, k, v, attn_mask, key_padding_mask, is_causal, scale, dropout_p)
+    _check_qkv(q, k, v)
+    fn = _sdpa_backend if backend == "sdpa" else _triton_backend
     return fn(q, k, v, attn_mask, key_padding_mask, is_causal, scale, dropout_p)
 
 
@@ -222,11 +220,12 @@ class MultiHeadAttention(nn.Module):
     """Multi-head (and grouped-query) self-attention with one fused QKV projection.
 
     x: (B, T, C). The projection's output is laid out [q | k | v], matching
-    torch.nn.MultiheadAttention's in_proj_weight when n_kv_head == n_head.
+    torch.nn.MultiheadAttention's in_proj_weight when n_kv_head == n_head. scale multiplies the
+    scores q.k (None: 1/sqrt(head_dim)).
     """
 
     def __init__(self, n_embd, n_head, n_kv_head=None, bias=True, dropout=0.0, attn_dropout=0.0,
-                 backend="auto", layer_idx=0, use_kernels=False):
+                 backend="auto", layer_idx=0, use_kernels=False, scale=None):
         super().__init__()
         if n_embd % n_head:
             raise ValueError(f"n_head={n_head} does not divide n_embd={n_embd}")
@@ -243,6 +242,7 @@ class MultiHeadAttention(nn.Module):
         self.backend = backend
         self.layer_idx = layer_idx
         self.use_kernels = use_kernels
+        self.scale = scale
 
     def forward(self, x, is_causal=False, key_padding_mask=None, attn_bias=None, rotary=None,
                 kv_cache: Optional[KVCache] = None):
@@ -256,8 +256,6 @@ class MultiHeadAttention(nn.Module):
         k = k.view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rotary is not None:
-            from .positional import apply_rotary
-
             q, k = apply_rotary(q, k, *rotary, use_kernels=self.use_kernels)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
@@ -267,6 +265,7 @@ class MultiHeadAttention(nn.Module):
             attn_mask=attn_bias,
             key_padding_mask=key_padding_mask,
             is_causal=is_causal,
+            scale=self.scale,
             dropout_p=self.attn_dropout if self.training else 0.0,
         )
         y = y.transpose(1, 2).reshape(b, t, c)

@@ -10,11 +10,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .gpt import Transformer, init_weights, lm_loss
 from .norms import make_norm
+from .transformer import Transformer, init_weights, lm_loss
 
 
 class BERT(Transformer):
+    head_name, head_bias = "classifier", True
+
     def __init__(self, config: ModelConfig):
         if config.arch != "bert":
             raise ValueError(f"BERT needs config.arch='bert', got {config.arch!r}")
@@ -26,7 +28,7 @@ class BERT(Transformer):
         self.mlm_dense = nn.Linear(c.n_embd, c.n_embd)
         self.mlm_norm = make_norm(c.norm, c.n_embd, c.norm_eps, bias=c.bias)
         self.mlm_decoder = nn.Linear(c.n_embd, c.vocab_size, bias=True)
-        self.classifier = nn.Linear(c.n_embd, c.num_labels) if c.num_labels else None
+        self.classifier = self.new_head(c.num_labels)
         self.cls_dropout = nn.Dropout(c.dropout)
         init_weights(self, c)
         if c.tie_embeddings:
@@ -37,6 +39,7 @@ class BERT(Transformer):
         Returns the last hidden states (B, T, C), and the list of every layer's output
         (embeddings first) when output_hidden_states."""
         self.check_input(idx)
+        key_padding_mask = self.padding_mask(idx, attention_mask)
         x = self.embed(idx)
         if self.type_emb is not None:
             if token_type_ids is None:
@@ -47,13 +50,6 @@ class BERT(Transformer):
                 )
             x = x + self.type_emb(token_type_ids)
         x = self.drop(self.emb_norm(x))
-        key_padding_mask = None
-        if attention_mask is not None:
-            if attention_mask.shape != idx.shape:
-                raise ValueError(
-                    f"attention_mask shape {tuple(attention_mask.shape)} must equal the ids' {tuple(idx.shape)}"
-                )
-            key_padding_mask = attention_mask.bool()
         hidden = [x] if output_hidden_states else None
         x = self.run_blocks(x, causal=False, key_padding_mask=key_padding_mask, all_hidden=hidden)
         return (x, hidden) if output_hidden_states else x
@@ -68,9 +64,15 @@ class BERT(Transformer):
         return torch.tanh(self.pooler(h[:, 0]))
 
     def mlm_hidden(self, h):
-        act = self.config.activation
+        """The MLM head's transform: dense, the activation, the norm."""
         h = self.mlm_dense(h)
-        h = F.gelu(h, approximate="tanh") if act in ("gelu_tanh", "swiglu") else F.relu(h) if act == "relu" else F.gelu(h)
+        act = self.config.activation
+        if act == "relu":
+            h = F.relu(h)
+        elif act == "gelu":
+            h = F.gelu(h)
+        else:  # gelu_tanh, and swiglu, whose gated form needs two matrices the head does not have
+            h = F.gelu(h, approximate="tanh")
         return self.mlm_norm(h)
 
     def forward(self, idx, targets=None, attention_mask=None, token_type_ids=None):
@@ -84,13 +86,15 @@ class BERT(Transformer):
         t = targets.reshape(-1)[sel]
         if t.numel() == 0:  # no masked token in the batch: a zero that still has a graph
             return None, h.sum() * 0.0
-        loss = lm_loss(hs, self.mlm_decoder.weight, t, self.config.chunked_ce, bias=self.mlm_decoder.bias)
+        _, loss = lm_loss(hs, self.mlm_decoder.weight, t, self.config, bias=self.mlm_decoder.bias)
         return None, loss
 
-    def classify(self, idx, attention_mask=None, labels=None, token_type_ids=None):
-        if self.classifier is None:
-            raise ValueError("this BERT has no classification head: build it with config.num_labels > 0")
+    def sentence_vector(self, idx, attention_mask=None, token_type_ids=None):
         h = self.encode(idx, attention_mask, token_type_ids)
-        logits = self.classifier(self.cls_dropout(self.pool(h, attention_mask)))
-        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
-        return logits, loss
+        return self.cls_dropout(self.pool(h, attention_mask))
+
+    def classification_head(self) -> list[nn.Module]:
+        """The classifier, and the pooler when it makes the sentence vector ("cls" pooling)."""
+        if self.classifier is None:
+            return []
+        return [self.classifier] + ([self.pooler] if self.config.classifier_pooling == "cls" else [])

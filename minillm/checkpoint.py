@@ -19,9 +19,14 @@ import shutil
 import tempfile
 from typing import Any, Optional
 
+import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
+from .model import build_model
+from .tokenizer import load_tokenizer
 
 CKPT = "checkpoint"
 
@@ -52,24 +57,27 @@ def _fsync_file(path: str) -> None:
 
 
 def _save_tensors(tensors: dict, path: str, metadata: Optional[dict] = None) -> None:
-    from safetensors.torch import save_file
-
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata=metadata)
     _fsync_file(path)
 
 
-def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict without duplicate storage: tied weights are saved once (the embedding)."""
-    sd = model.state_dict()
-    seen, out = {}, {}
-    for k, v in sd.items():
+def untied(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors less those that view the same memory as an earlier one (same data pointer,
+    shape and strides): tied weights are kept once, under their first name (the embedding)."""
+    seen, out = set(), {}
+    for k, v in tensors.items():
         key = (v.data_ptr(), v.shape, v.stride()) if v.numel() else None
         if key is not None and key in seen:
             continue
         if key is not None:
-            seen[key] = k
+            seen.add(key)
         out[k] = v
     return out
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without duplicate storage: tied weights are saved once (the embedding)."""
+    return untied(model.state_dict())
 
 
 def rng_to_json(t: torch.Tensor) -> str:
@@ -77,8 +85,6 @@ def rng_to_json(t: torch.Tensor) -> str:
 
 
 def rng_from_json(s: str) -> torch.Tensor:
-    import numpy as np
-
     return torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
 
 
@@ -186,9 +192,6 @@ def read_config(ckpt: str) -> dict:
 
 
 def read_tensors(path: str) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         return load_file(path)
     except FileNotFoundError:
@@ -200,8 +203,8 @@ def read_tensors(path: str) -> dict[str, torch.Tensor]:
 def load_weights(model: torch.nn.Module, tensors: dict, source: str, strict: bool = True) -> None:
     """Copy tensors into the model, naming anything missing, unexpected or mis-shaped."""
     own = model.state_dict()
-    tied = {k for k in own if k not in tensors and k in _tied_names(model)}
-    missing = [k for k in own if k not in tensors and k not in tied]
+    tied = set(own) - set(untied(own))
+    missing = [k for k in own if k not in tensors and k not in tied]  # a tied weight is saved once
     unexpected = [k for k in tensors if k not in own]
     shapes = [f"{k} {tuple(v.shape)} (expected {tuple(own[k].shape)})" for k, v in tensors.items()
               if k in own and v.shape != own[k].shape]
@@ -217,23 +220,8 @@ def load_weights(model: torch.nn.Module, tensors: dict, source: str, strict: boo
     model.load_state_dict(tensors, strict=False)
 
 
-def _tied_names(model) -> set:
-    """Names of parameters that share storage with an earlier one (saved once)."""
-    seen, tied = set(), set()
-    for k, v in model.state_dict(keep_vars=False).items():
-        key = (v.data_ptr(), v.shape, v.stride()) if v.numel() else None
-        if key in seen:
-            tied.add(k)
-        elif key is not None:
-            seen.add(key)
-    return tied
-
-
 def load_model(path: str, **overrides):
     """(model, tokenizer or None, full config dict) from a minillm checkpoint folder."""
-    from . import build_model
-    from .tokenizer import load_tokenizer
-
     ckpt = find_checkpoint(path)
     if ckpt is None:
         raise ValueError(f"{path}: no minillm checkpoint here (expected model.safetensors and config.json)")
@@ -244,7 +232,11 @@ def load_model(path: str, **overrides):
     tensors = read_tensors(os.path.join(ckpt, "model.safetensors"))  # a damaged file fails before the model is built
     model = build_model(config)
     load_weights(model, tensors, ckpt)
-    # no tokenizer file: None; a damaged one is an error, not silently dropped
-    has_tokenizer = any(os.path.exists(os.path.join(ckpt, n)) for n in ("char_tokenizer.json", "tokenizer.json", "vocab.txt"))
-    tokenizer = load_tokenizer(ckpt) if has_tokenizer else None
-    return model, tokenizer, cfg
+    return model, read_tokenizer(ckpt), cfg
+
+
+def read_tokenizer(ckpt: str):
+    """The tokenizer saved in a checkpoint folder, or None where there is no tokenizer file;
+    a damaged one is an error, not silently dropped."""
+    names = ("char_tokenizer.json", "tokenizer.json", "vocab.txt")
+    return load_tokenizer(ckpt) if any(os.path.exists(os.path.join(ckpt, n)) for n in names) else None

@@ -14,7 +14,8 @@ short sentences is not padded to the length of one long one (SST-2's median sent
 order of training is still random.
 
 The same readers serve instruction tuning (--task lm with prompt/response JSONL): see
-`encode_instructions`.
+`encode_instructions`. `predict_logits` runs a classifier over encoded examples in such
+batches and returns the logits in the examples' order (finetune.py's evaluation, minillm.predict).
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+
+from .tokenizer import HFTokenizer
 
 FORMATS = {".tsv": "tsv", ".tab": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
 
@@ -69,7 +72,13 @@ class Table:
 def read_table(path: str, fmt: Optional[str] = None) -> Table:
     """A TSV or CSV file with a header row, or JSONL with one JSON object per line."""
     fmt = file_format(path, fmt)
-    text = read_text(path)
+    return parse_table(read_text(path), path, fmt)
+
+
+def parse_table(text: str, path: str, fmt: str) -> Table:
+    """A table from text already read (e.g. standard input); path names it in errors."""
+    if fmt not in ("tsv", "csv", "jsonl"):
+        raise ValueError(f"--format must be tsv, csv or jsonl, got {fmt!r}")
     return _read_jsonl(text, path) if fmt == "jsonl" else _read_delimited(text, path, fmt)
 
 
@@ -220,7 +229,7 @@ def encode_examples(tokenizer, examples: Sequence[Example], max_len: int) -> lis
     A tokenizer without a template (character-level, our BPE) joins a pair with its [SEP] or eos."""
     texts = [e.text for e in examples]
     pairs = [e.text_pair for e in examples]
-    if hasattr(tokenizer, "tok"):  # a `tokenizers` tokenizer: encode in one parallel batch
+    if isinstance(tokenizer, HFTokenizer):  # a `tokenizers` tokenizer: encode in one parallel batch
         inputs = [(a, b) if b is not None else a for a, b in zip(texts, pairs)]
         encs = tokenizer.tok.encode_batch(inputs)
         raw = [(e.ids, e.type_ids) for e in encs]
@@ -354,3 +363,23 @@ def collate(seqs: Sequence[tuple[list[int], list[int]]], indices, pad_id: int, p
         second[row, : len(b)] = b
         mask[row, : len(a)] = 1
     return torch.from_numpy(ids), torch.from_numpy(second), torch.from_numpy(mask)
+
+
+@torch.no_grad()
+def predict_logits(model, encoded: Sequence[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 64,
+                   device=None) -> torch.Tensor:
+    """Float32 logits (N, num_labels) of a classifier for encoded examples, in their order.
+    Batches of similar length, so padding costs little."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = [None] * len(encoded)
+    for idx in eval_order([len(ids) for ids, _ in encoded], batch_size):
+        ids, types, mask = collate(encoded, idx, pad_id)
+        mask = None if bool(mask.all()) else mask.to(device)  # no padding: attention needs no mask
+        logits, _ = model.classify(ids.to(device), attention_mask=mask, token_type_ids=types.to(device))
+        logits = logits.float().cpu()
+        for row, i in enumerate(idx):
+            out[i] = logits[row]
+    model.train(was_training)
+    return torch.stack(out)

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rope", "alibi")
 NORMS = ("layernorm", "rmsnorm")
@@ -44,6 +44,8 @@ class ModelConfig:
     dropout: float = 0.0  # embeddings, residual branches and MLP
     attn_dropout: float = 0.0  # attention probabilities
     tie_embeddings: bool = True
+    attn_scale: Optional[float] = None  # multiplies q.k; None means 1/sqrt(head_dim)
+    attn_scale_by_layer: bool = False  # also divide block i's scale by i + 1 (GPT-2's scale_attn_by_inverse_layer_idx)
     attention_backend: str = "auto"
     use_kernels: bool = False  # route norms, activations, RoPE through kernels/ on CUDA
     chunked_ce: bool = False  # fused linear + cross-entropy over token chunks (never builds full logits)
@@ -54,6 +56,18 @@ class ModelConfig:
     num_labels: int = 0
     classifier_pooling: str = "cls"  # BERT: "cls" (pooler on [CLS]) or "mean"; GPT always uses "last"
     init_std: float = 0.02
+
+    # The fields that decide the weights' names and shapes: a checkpoint loads only into a model
+    # that agrees on all of them.
+    shape_fields: ClassVar[tuple[str, ...]] = (
+        "arch", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "n_inner", "block_size",
+        "pos_encoding", "norm", "activation", "bias", "tie_embeddings", "type_vocab_size", "num_labels",
+    )
+    # The fields that change how the model runs or trains, never its weights nor what it computes
+    # in eval mode (up to rounding): free to change when a checkpoint is loaded or a run resumed.
+    runtime_fields: ClassVar[tuple[str, ...]] = (
+        "attention_backend", "dropout", "attn_dropout", "use_kernels", "chunked_ce",
+    )
 
     def __post_init__(self):
         self.validate()
@@ -102,7 +116,12 @@ class ModelConfig:
             value = getattr(self, name)
             if not (is_int(value) or isinstance(value, float)) or not -1e300 < value < 1e300:  # no inf, nan
                 raise ValueError(f"config.{name} must be a finite number, got {_show(value)}")
-        for name in ("bias", "tie_embeddings", "use_kernels", "chunked_ce"):
+        if self.attn_scale is not None and (
+            not (is_int(self.attn_scale) or isinstance(self.attn_scale, float))
+            or not 0 < self.attn_scale < math.inf
+        ):
+            raise ValueError(f"config.attn_scale must be a positive number or null, got {_show(self.attn_scale)}")
+        for name in ("bias", "tie_embeddings", "attn_scale_by_layer", "use_kernels", "chunked_ce"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"config.{name} must be true or false, got {_show(getattr(self, name))}")
         if self.n_embd % self.n_head:
@@ -148,8 +167,19 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+    def shape(self) -> dict:
+        """The shape fields, with the defaults that None stands for filled in: two configs whose
+        shapes are equal hold interchangeable weights."""
+        shape = {name: getattr(self, name) for name in self.shape_fields}
+        shape.update(n_kv_head=self.kv_heads, n_inner=self.inner)
+        if self.arch != "bert":
+            del shape["type_vocab_size"]  # only BERT has token-type embeddings
+        return shape
+
+    def describe(self) -> str:
+        """One line for messages: "gpt 4x128, 4 heads, vocab 96, context 128"."""
+        return (f"{self.arch} {self.n_layer}x{self.n_embd}, {self.n_head} heads, vocab {self.vocab_size}, "
+                f"context {self.block_size}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":

@@ -172,3 +172,53 @@ def mask_tokens(x: torch.Tensor, tokenizer, vocab_size: int, gen: torch.Generato
     rand_pos = chosen & (r >= 0.8) & (r < 0.9)
     inputs[rand_pos] = torch.randint(0, vocab_size, (int(rand_pos.sum()),), generator=gen)
     return inputs, targets
+
+
+class LMData:
+    """Language-modelling batches over a train/validation token split: next-token windows for a
+    GPT, masked windows for a BERT (`tokenizer` given: its mask token and specials). One object
+    for train.py and finetune.py --task lm; checkpointable (`state`/`load_state`)."""
+
+    def __init__(self, train: np.ndarray, val: np.ndarray, block_size: int, batch_size: int, seed: int,
+                 device: torch.device, mask_with=None, rank: int = 0, world: int = 1):
+        self.train, self.val, self.block_size, self.batch_size = train, val, block_size, batch_size
+        self.device, self.mask_with, self.world = device, mask_with, world
+        self.batches = Batches(train, block_size, seed=seed, rank=rank, world=world)
+        self.mask_gen = torch.Generator().manual_seed(seed + 1)
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, device=None):
+        device = device or self.device
+        if self.mask_with is not None:
+            x, y = mask_tokens(x, self.mask_with, self.mask_with.vocab_size, gen)
+        if device.type == "cuda":  # pinned memory makes the copy truly asynchronous
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def next(self):
+        """(x, y): this process's (batch_size, block_size) slice of the global batch."""
+        return self._to_device(*self.batches.causal_lm(self.batch_size * self.world), self.mask_gen)
+
+    def eval_batches(self, iters: int, device=None):
+        """The same validation windows (and masks) at every evaluation, so the numbers compare."""
+        vb, vgen = Batches(self.val, self.block_size, seed=0), torch.Generator().manual_seed(1)
+        for _ in range(iters):
+            yield self._to_device(*vb.causal_lm(self.batch_size), vgen, device)
+
+    def state(self) -> dict:
+        return {"train": self.batches.state(), "mask": self.mask_gen.get_state()}
+
+    def load_state(self, st: dict) -> None:
+        self.batches.load_state(st["train"])
+        self.mask_gen.set_state(st["mask"])
+
+
+@torch.no_grad()
+def evaluate_lm(model, data: LMData, iters: int, device=None) -> float:
+    """Mean loss per target token over `iters` fixed validation batches (masked LM: the
+    batches hold different numbers of masked tokens, so they are weighed by them)."""
+    total, count = 0.0, 0
+    for x, y in data.eval_batches(iters, device):
+        _, loss = model(x, y)
+        n = int((y != -100).sum())
+        total, count = total + (loss.float().item() * n if n else 0.0), count + n
+    return total / count if count else float("nan")

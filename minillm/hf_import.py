@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
+from .model import build_model
 
 # Tensors that HF checkpoints may carry but that hold no weights we need.
 _IGNORED_SUFFIXES = (
@@ -107,8 +111,11 @@ def config_from_hf(hf: dict, path: str = "config.json") -> ModelConfig:
     kind = hf.get("model_type")
     num_labels = len(hf["id2label"]) if isinstance(hf.get("id2label"), dict) and _is_classifier(hf) else 0
     if kind == "gpt2":
-        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
-            raise ValueError(f"{path}: GPT-2 variants with scaled/reordered attention are not supported")
+        # reorder_and_upcast_attn only makes half-precision scores in float32: the same function,
+        # which our attention computes in float32 anyway where precision is lost (the softmax).
+        for key in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if not isinstance(hf.get(key, False), bool):
+                raise ValueError(f"{path}: '{key}' must be true or false, got {hf[key]!r}")
         act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
         if hf.get("activation_function", "gelu_new") not in act:
             raise ValueError(f"{path}: activation_function {hf.get('activation_function')!r} is not supported")
@@ -121,6 +128,8 @@ def config_from_hf(hf: dict, path: str = "config.json") -> ModelConfig:
             activation=act[hf.get("activation_function", "gelu_new")],
             dropout=float(hf.get("resid_pdrop", 0.0)), attn_dropout=float(hf.get("attn_pdrop", 0.0)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", True)), num_labels=num_labels,
+            attn_scale=None if hf.get("scale_attn_weights", True) else 1.0,
+            attn_scale_by_layer=hf.get("scale_attn_by_inverse_layer_idx", False),
         )
     if kind == "bert":
         if hf.get("position_embedding_type", "absolute") != "absolute":
@@ -151,9 +160,6 @@ def read_state_dict(directory: str) -> dict[str, torch.Tensor]:
     st = os.path.join(directory, "model.safetensors")
     binf = os.path.join(directory, "pytorch_model.bin")
     if os.path.exists(st):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return load_file(st)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -174,13 +180,12 @@ def _strip(sd: dict, prefix: str) -> dict:
 
 
 def load_hf(directory: str, **overrides):
-    """A minillm GPT or BERT holding the weights of a HF GPT-2/BERT directory.
+    """(model, missing heads): a minillm GPT or BERT holding the weights of a HF GPT-2/BERT
+    directory, and the heads the directory lacks, which keep their fresh initialisation
+    (e.g. ["cls"] for a bare BertModel: no MLM head).
 
     overrides: ModelConfig fields to change (e.g. num_labels=2, attention_backend="sdpa").
-    Returns the model; `model.hf_missing_heads` lists heads that were freshly initialised.
     """
-    from . import build_model
-
     if not os.path.isdir(directory):
         raise ValueError(f"{directory}: not a directory")
     cfg_path = os.path.join(directory, "config.json")
@@ -205,15 +210,15 @@ def load_hf(directory: str, **overrides):
             sd.pop("cls.predictions.decoder.weight", None)
     model = build_model(config)
     missing_heads = _load_mapped(model, sd, name_map, optional, directory)
-    model.hf_missing_heads = missing_heads
-    return model
+    return model, missing_heads
 
 
 def _load_mapped(model, sd, name_map, optional, directory) -> list[str]:
     ours = dict(model.named_parameters())
     unexpected = [k for k in sd if k not in name_map and not k.endswith(_IGNORED_SUFFIXES)]
     missing = [k for k in name_map if k not in sd and not k.startswith(optional)]
-    missing_heads = sorted({k.split(".")[0] for k in name_map if k not in sd and k.startswith(optional)})
+    missing_heads = sorted({k.split(".")[0] for k, (our_name, _) in name_map.items()
+                            if k not in sd and k.startswith(optional) and our_name in ours})
     bad_shapes = []
     if not unexpected and not missing:
         qkv_parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -283,6 +288,11 @@ def config_to_hf(config: ModelConfig, id2label: dict | None = None) -> dict:
         unsupported.append(f"norm_position={c.norm_position}")
     if c.arch == "bert" and c.classifier_pooling == "mean" and c.num_labels:
         unsupported.append("classifier_pooling=mean")
+    # GPT-2 can drop the 1/sqrt(head_dim) (a scale of 1) and divide by the layer number; BERT can do neither
+    if c.attn_scale not in (None, 1.0) or (c.arch == "bert" and c.attn_scale is not None):
+        unsupported.append(f"attn_scale={c.attn_scale}")
+    if c.arch == "bert" and c.attn_scale_by_layer:
+        unsupported.append("attn_scale_by_layer=True")
     if unsupported:
         raise ValueError(f"this model cannot be written in Hugging Face {c.arch.upper()} format: {', '.join(unsupported)}")
     labels = {}
@@ -298,6 +308,7 @@ def config_to_hf(config: ModelConfig, id2label: dict | None = None) -> dict:
                 "n_positions": c.block_size, "layer_norm_epsilon": c.norm_eps, "activation_function": act,
                 "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.attn_dropout,
                 "tie_word_embeddings": c.tie_embeddings, "pad_token_id": c.pad_token_id,
+                "scale_attn_weights": c.attn_scale is None, "scale_attn_by_inverse_layer_idx": c.attn_scale_by_layer,
                 **({"bos_token_id": 50256, "eos_token_id": 50256} if c.vocab_size == 50257 else
                    {"bos_token_id": None, "eos_token_id": None}), **labels}
     arch = "BertForSequenceClassification" if c.num_labels else "BertForMaskedLM"
@@ -312,8 +323,6 @@ def config_to_hf(config: ModelConfig, id2label: dict | None = None) -> dict:
 
 def save_hf(model, directory: str, id2label: dict | None = None) -> None:
     """Write config.json and model.safetensors in GPT-2 / BERT layout (after merging any LoRA)."""
-    from safetensors.torch import save_file
-
     c = model.config
     hf_cfg = config_to_hf(c, id2label)
     ours = {k: v.detach().cpu().float().contiguous() for k, v in model.state_dict().items()}

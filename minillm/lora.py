@@ -64,7 +64,7 @@ def _matches(name: str, targets: Sequence[str]) -> bool:
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                targets: Sequence[str] = DEFAULT_TARGETS) -> list[str]:
     """Freeze every parameter of `model` and wrap the targeted linear layers of its transformer
-    blocks in LoRALinear. Heads (classifier, pooler, LM head) are left for the caller to unfreeze.
+    blocks in LoRALinear. Heads are left for the caller to unfreeze (model.classification_head()).
     Returns the names of the wrapped layers."""
     targets = tuple(targets)
     if not targets:

@@ -17,6 +17,14 @@ def confusion_matrix(labels, predictions, num_classes: int) -> torch.Tensor:
     p = torch.as_tensor(predictions, dtype=torch.long).reshape(-1)
     if y.shape != p.shape:
         raise ValueError(f"{y.numel()} labels but {p.numel()} predictions")
+    # An id outside 0..num_classes-1 would be counted in another cell (y * n + p aliases) or crash
+    # bincount: it means the labels and the model's classes do not match, which the caller must hear.
+    for kind, t in (("true label", y), ("prediction", p)):
+        bad = ((t < 0) | (t >= num_classes)).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            raise ValueError(f"{kind} {int(t[i])} (item {i}) is not one of the {num_classes} classes "
+                             f"0..{num_classes - 1}")
     flat = torch.bincount(y * num_classes + p, minlength=num_classes * num_classes)
     return flat.reshape(num_classes, num_classes)
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fused_ops import fused_op
+from .kernel_dispatch import use_triton
 
 
 class MLP(nn.Module):
@@ -25,11 +25,17 @@ class MLP(nn.Module):
     def act(self, h: torch.Tensor) -> torch.Tensor:
         if self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
-            fused = fused_op("swiglu", "swiglu", h, enabled=self.use_kernels)
-            return fused(gate, up) if fused is not None else F.silu(gate) * up
+            if use_triton(self.use_kernels, h):
+                from kernels.swiglu import swiglu
+
+                return swiglu(gate, up)
+            return F.silu(gate) * up
         if self.activation == "gelu_tanh":
-            fused = fused_op("gelu", "gelu_tanh", h, enabled=self.use_kernels)
-            return fused(h) if fused is not None else F.gelu(h, approximate="tanh")
+            if use_triton(self.use_kernels, h):
+                from kernels.gelu import gelu_tanh
+
+                return gelu_tanh(h)
+            return F.gelu(h, approximate="tanh")
         if self.activation == "gelu":
             return F.gelu(h)
         return F.relu(h)

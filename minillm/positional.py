@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .fused_ops import fused_op
+from .kernel_dispatch import use_triton
 
 
 def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
@@ -69,9 +69,10 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def apply_rotary(q, k, cos, sin, use_kernels: bool = True):
     """Rotate queries and keys; on GPU through the fused Triton kernel when available."""
-    fused = fused_op("rotary", "apply_rotary", q, k, enabled=use_kernels)
-    if fused is not None:
-        return fused(q, k, cos, sin)
+    if use_triton(use_kernels, q, k):
+        from kernels.rotary import apply_rotary as rotary_kernel
+
+        return rotary_kernel(q, k, cos, sin)
     return rotate(q, cos, sin), rotate(k, cos, sin)
 
 

@@ -1,70 +1,88 @@
-"""The training loop shared by train.py and finetune.py.
+"""The named pieces of a training loop. train.py and finetune.py write the loop itself.
 
-A `Trainer` owns the optimizer, the learning-rate schedule, mixed precision, gradient
-accumulation and clipping, checkpoints (atomic, resumable), metrics and the progress bar.
-The scripts give it four callables: get_batch(), loss_fn(model, batch) -> (loss, n_items),
-evaluate(model) -> dict, and optionally the data position to save and restore.
+    settings   TrainSettings: the optimisation and cadence settings both scripts share
+    optimizer  make_optimizer (AdamW, no decay on biases and norms), lr_at (warmup + cosine)
+    state      TrainState: step, training seconds, skips; `done` and the schedule's progress
+    a step     count_targets + token_share (the gradient of grad_accum micro-batches equals that
+               of one big batch), clip_gradients, sync_step (the step's one host sync),
+               skip_step (non-finite steps leave the weights alone, up to max_skips)
+    saving     save_training / resume_training (weights, optimizer, RNG, data position)
+    watching   Meter (throughput, MFU) and ProgressBar
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import random
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .device import DTYPES, all_reduce_sum
 
 
 class TrainingStopped(RuntimeError):
-    """Raised when a run cannot go on (non-finite losses beyond --max-skips)."""
+    """Raised when a run cannot go on (non-finite losses beyond --max-skips, non-finite weights)."""
 
 
 @dataclass
 class TrainSettings:
-    lr: float = 1e-3
+    """Each field is a flag of both scripts (cli.add_training_args); each script may move the
+    defaults (train.py's recipes, finetune.py's FINETUNE_DEFAULTS)."""
+    batch_size: int = 12  # sequences (or examples) per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio
-    warmup_steps: int = 100
-    max_steps: int = 5000
-    time_budget: Optional[float] = None  # seconds of training; also paces the schedule
-    weight_decay: float = 0.1
+    warmup_steps: int = 100  # linear warmup from ~0 to lr
+    max_steps: int = 2000  # optimizer steps (the schedule's length unless time_budget ends it first)
+    time_budget: Optional[float] = None  # seconds of training steps; also paces the schedule
+    weight_decay: float = 0.1  # AdamW, on matrices only
     beta1: float = 0.9
     beta2: float = 0.99
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    dtype: str = "float32"
-    compile: bool = False
-    activation_checkpointing: bool = False
-    eval_interval: int = 250
-    log_interval: int = 10
-    ckpt_interval: int = 0  # 0: only at the end (and at each eval when resumable)
+    grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
+    dtype: str = "float32"  # autocast dtype: float32 | bfloat16 | float16 (with a loss scaler)
+    compile: bool = False  # torch.compile the model (its compile time is not charged to time_budget)
+    activation_checkpointing: bool = False  # recompute each block in the backward pass
+    eval_interval: int = 250  # steps between evaluations (0: only at the end)
+    eval_iters: int = 20  # language modelling: batches per evaluation
+    log_interval: int = 10  # steps between metrics.jsonl rows
+    ckpt_interval: int = 0  # steps between checkpoints (0: at each evaluation)
+    ckpt_seconds: float = 60.0  # also checkpoint after this many training seconds without one
     seed: int = 1337
     max_skips: int = 10  # non-finite steps tolerated before the run stops
     stop_at_step: Optional[int] = None  # checkpoint and stop here, schedule unfinished (resume later)
-    # time_budget counts seconds spent in training steps; evaluation, checkpoints and the
-    # one-time compile of the first step are reported separately (summary.json)
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_options(cls, opts: dict) -> "TrainSettings":
+        s = cls(**{f.name: opts[f.name] for f in fields(cls) if opts.get(f.name) is not None})
+        s.validate()
+        return s
 
     def validate(self) -> None:
+        def finite(v):
+            return v is not None and math.isfinite(v)
+
         checks = [
-            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be positive and finite, got {self.lr}"),
-            (0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}"),
+            (finite(self.lr) and 0 < self.lr <= 10, f"--lr must be in (0, 10], got {self.lr}"),
+            (finite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}"),
             (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
             (self.max_steps > 0, f"--max-steps must be positive, got {self.max_steps}"),
-            (self.time_budget is None or self.time_budget > 0, f"--time-budget must be positive, got {self.time_budget}"),
-            (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
-            (self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}"),
+            (self.time_budget is None or (finite(self.time_budget) and self.time_budget > 0),
+             f"--time-budget must be positive, got {self.time_budget}"),
+            (finite(self.weight_decay) and 0 <= self.weight_decay <= 10, f"--weight-decay must be in [0, 10], got {self.weight_decay}"),
+            (finite(self.beta1) and 0 <= self.beta1 < 1, f"--beta1 must be in [0, 1), got {self.beta1}"),
+            (finite(self.beta2) and 0 <= self.beta2 < 1, f"--beta2 must be in [0, 1), got {self.beta2}"),
+            (finite(self.grad_clip) and self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}"),
             (self.dtype in DTYPES, f"--dtype must be one of {list(DTYPES)}, got {self.dtype!r}"),
             (self.eval_interval >= 0, f"--eval-interval must be >= 0, got {self.eval_interval}"),
+            (self.ckpt_interval >= 0, f"--ckpt-interval must be >= 0, got {self.ckpt_interval}"),
+            (finite(self.ckpt_seconds) and self.ckpt_seconds > 0, f"--ckpt-seconds must be positive, got {self.ckpt_seconds}"),
             (self.max_skips >= 0, f"--max-skips must be >= 0, got {self.max_skips}"),
         ]
         for ok, msg in checks:
@@ -73,86 +91,17 @@ class TrainSettings:
 
 
 # ---------------------------------------------------------------------------------------------
-# Devices, precision, processes
+# The optimizer and its schedule
 
 
-def setup_distributed():
-    """(rank, world_size, device). Under torchrun: gloo on CPU, nccl on GPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def autocast(device: torch.device, dtype: str):
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
-
-
-def measure_matmul_peak(device: torch.device, dtype: str, n: int = 1024, reps: int = 10) -> float:
-    """FLOP/s of an n x n matmul in this dtype on this device: the denominator of MFU."""
-    dt = DTYPES[dtype]
-    g = torch.Generator().manual_seed(0)  # leaves the global RNG (dropout, init) untouched
-    a = torch.randn(n, n, generator=g).to(device=device, dtype=dt)
-    b = torch.randn(n, n, generator=g).to(device=device, dtype=dt)
-    for _ in range(2):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / sorted(times)[len(times) // 2]
-
-
-def flops_per_token(model: nn.Module, block_size: int) -> float:
-    """6N for the weights (forward + backward) plus the attention matmuls (Kaplan et al.; PaLM)."""
-    c = model.config
-    n = sum(p.numel() for p in model.parameters())
-    n -= model.tok_emb.weight.numel()  # the embedding lookup is not a matmul
-    if c.tie_embeddings:
-        n += model.tok_emb.weight.numel()  # ... but the tied LM head is
-    return 6 * n + 12 * c.n_layer * c.n_embd * block_size
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:  # pragma: no cover
-        pass
-
-
-def make_optimizer(model: nn.Module, s: TrainSettings, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on biases, norms)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    seen, decay, no_decay = set(), [], []
-    for p in params:
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kw = dict(lr=s.lr, betas=(s.beta1, s.beta2), eps=1e-8)
-    try:  # the fused implementation exists for CPU and CUDA in recent PyTorch
-        return torch.optim.AdamW(groups, fused=True, **kw)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(groups, foreach=True, **kw)
+def make_optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on biases and norms). Tied weights once."""
+    params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    # the fused implementation runs on CPU and CUDA; other devices take the foreach one
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2), eps=1e-8, fused=fused)
 
 
 def lr_at(progress: float, step: int, s: TrainSettings) -> float:
@@ -163,329 +112,214 @@ def lr_at(progress: float, step: int, s: TrainSettings) -> float:
     return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-# ---------------------------------------------------------------------------------------------
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    return lr
 
 
-class Trainer:
-    def __init__(self, model: nn.Module, settings: TrainSettings, out_dir: str, *,
-                 get_batch: Callable, loss_fn: Callable, evaluate: Optional[Callable] = None,
-                 data_state: Optional[Callable] = None, load_data_state: Optional[Callable] = None,
-                 config=None, tokenizer=None, extra_config: Optional[dict] = None,
-                 save_tensors: Optional[Callable] = None, rank: int = 0, world: int = 1,
-                 device: Optional[torch.device] = None, tokens_per_item: int = 1, log: Callable = print):
-        settings.validate()
-        self.s = settings
-        self.out = out_dir
-        self.model = model
-        self.get_batch, self.loss_fn, self.evaluate_fn = get_batch, loss_fn, evaluate
-        self.data_state, self.load_data_state = data_state, load_data_state
-        self.config = config if config is not None else model.config
-        self.tokenizer, self.extra_config = tokenizer, extra_config or {}
-        self.save_tensors = save_tensors  # e.g. LoRA: only the adapters
-        self.rank, self.world = rank, world
-        self.device = device or next(model.parameters()).device
-        self.log = log if rank == 0 else (lambda *a, **k: None)
-        self.is_main = rank == 0
-        self.step = 0
-        self.elapsed = 0.0  # training seconds so far, carried across resumes
-        self.items_seen = 0
-        self.skips = 0
-        self.history: list[dict] = []
+@dataclass
+class TrainState:
+    """Where a run is; saved in every checkpoint, so a resumed run continues the schedule."""
+    step: int = 0
+    elapsed: float = 0.0  # seconds spent in training steps, across resumes
+    items_seen: int = 0  # tokens (or examples) trained on, all processes
+    skips: int = 0  # non-finite steps skipped
+    compile_seconds: float = 0.0
+    out_of_time: bool = False  # rank 0's clock has reached the time budget
+    last_save: float = 0.0  # `elapsed` at the last checkpoint
 
-        if settings.activation_checkpointing and hasattr(model, "gradient_checkpointing"):
-            model.gradient_checkpointing = True
-        self.optimizer = make_optimizer(model, settings, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.dtype == "float16")
-        self.fwd_model = model
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
+    def progress(self, s: TrainSettings) -> float:
+        """How far through the schedule: by steps, or by the time budget when that ends first."""
+        p = self.step / s.max_steps
+        return max(p, self.elapsed / s.time_budget) if s.time_budget else p
 
-            self.fwd_model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.compile_seconds = 0.0
-        if settings.compile:
-            self.fwd_model = torch.compile(self.fwd_model)
+    def done(self, s: TrainSettings) -> bool:
+        stopped_early = s.stop_at_step is not None and self.step >= s.stop_at_step
+        return stopped_early or self.out_of_time or self.step >= s.max_steps
 
-    # -- checkpoints ------------------------------------------------------------------------
-
-    def state_dict(self) -> dict:
-        st = {
-            "step": self.step, "elapsed": self.elapsed, "items_seen": self.items_seen, "skips": self.skips,
-            "torch_rng": ckpt_io.rng_to_json(torch.get_rng_state()),
-            "python_rng": repr(random.getstate()),
-            "scaler": {k: (v if not isinstance(v, torch.Tensor) else v.item()) for k, v in self.scaler.state_dict().items()},
-            "settings": asdict(self.s),
-        }
-        if self.data_state is not None:
-            ds = self.data_state()
-            st["data"] = {k: (ckpt_io.rng_to_json(v) if isinstance(v, torch.Tensor) else v) for k, v in ds.items()}
-        return st
-
-    def save(self, name: str = ckpt_io.CKPT) -> Optional[str]:
-        if not self.is_main:
-            return None
-        tensors = self.save_tensors() if self.save_tensors is not None else None
-        return ckpt_io.save_checkpoint(
-            self.out, self.model, self.config, self.tokenizer, optimizer=self.optimizer,
-            trainer_state=self.state_dict(), extra_config=self.extra_config, name=name, tensors=tensors,
-        )
-
-    def resume(self, path: Optional[str] = None) -> bool:
-        """Load <out>/checkpoint (weights, optimizer, schedule, RNG, data position). False if none."""
-        found = ckpt_io.find_checkpoint(path or self.out)
-        if found is None:
-            return False
-        tensors = ckpt_io.read_tensors(os.path.join(found, "model.safetensors"))
-        ckpt_io.load_weights(self.model, tensors, found, strict=self.save_tensors is None)
-        state_path = os.path.join(found, "trainer_state.json")
-        try:
-            with open(state_path, encoding="utf-8") as f:
-                st = json.load(f)
-        except (OSError, ValueError) as e:  # missing, not JSON, not UTF-8
-            raise ValueError(f"{state_path}: cannot resume from it ({e})") from None
-        opt_path = os.path.join(found, "optimizer.safetensors")
-        opt_tensors = ckpt_io.read_tensors(opt_path) if os.path.exists(opt_path) else None
-        try:  # a damaged or foreign trainer_state.json is one clear error, not a traceback
-            if not isinstance(st, dict):
-                raise TypeError(f"expected a JSON object, got {type(st).__name__}")
-            if opt_tensors is not None and "optimizer" in st:
-                ckpt_io.optimizer_from_tensors(self.optimizer, opt_tensors, st["optimizer"])
-            self.step, self.elapsed = int(st["step"]), float(st["elapsed"])
-            self.items_seen, self.skips = int(st.get("items_seen", 0)), int(st.get("skips", 0))
-            torch.set_rng_state(ckpt_io.rng_from_json(st["torch_rng"]))
-            random.setstate(_literal(st["python_rng"]))
-            if st.get("scaler"):
-                self.scaler.load_state_dict(st["scaler"])
-            if self.load_data_state is not None and "data" in st:
-                self.load_data_state({k: (ckpt_io.rng_from_json(v) if isinstance(v, str) else v)
-                                      for k, v in st["data"].items()})
-        except (KeyError, TypeError, ValueError, RuntimeError, SyntaxError, RecursionError, AttributeError) as e:
-            raise ValueError(f"{state_path}: cannot resume from it ({type(e).__name__}: {e})") from None
-        self._truncate_metrics()
-        return True
-
-    def _truncate_metrics(self) -> None:
-        """Drop metric lines past the resumed step, so the curve has no duplicates."""
-        path = os.path.join(self.out, "metrics.jsonl")
-        if not self.is_main or not os.path.exists(path):
-            return
-        keep = []
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                    if row["step"] <= self.step:
-                        keep.append(row)
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    pass  # a line cut short by a crash
-        self.history = keep
-        self._rewrite_metrics()
-
-    def write_metrics(self, row: dict) -> None:
-        self.history.append(row)
-        if not self.is_main:
-            return
-        with open(os.path.join(self.out, "metrics.jsonl"), "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-
-    # -- the loop ---------------------------------------------------------------------------
-
-    def progress(self) -> float:
-        p = self.step / self.s.max_steps
-        if self.s.time_budget:
-            p = max(p, self.elapsed / self.s.time_budget)
-        return p
-
-    def done(self) -> bool:
-        if self.s.stop_at_step is not None and self.step >= self.s.stop_at_step:
-            return True
-        return self.step >= self.s.max_steps or bool(self.s.time_budget and self.elapsed >= self.s.time_budget)
-
-    def train_step(self) -> tuple[float, int]:
-        """One optimizer step over grad_accum micro-batches. Returns (mean loss, items)."""
-        s, model = self.s, self.fwd_model
-        lr = lr_at(self.progress(), self.step, s)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        model.train()
-        total, items = 0.0, 0
-        for micro in range(s.grad_accum):
-            batch = self.get_batch()
-            sync = micro == s.grad_accum - 1 or self.world == 1
-            ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
-            with ctx, autocast(self.device, s.dtype):
-                loss, n = self.loss_fn(model, batch)
-            self.scaler.scale(loss / s.grad_accum).backward()
-            total += loss.detach().float().item()
-            items += n
-        self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if s.grad_clip > 0:
-            gnorm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip, foreach=True)
+    def advance(self, seconds: float, items: int, meter: "Meter", compiling: bool = False) -> None:
+        """Count a finished step. A compiled model's first step is compile time: reported, not
+        charged to the time budget or the throughput."""
+        if compiling:
+            self.compile_seconds += seconds
         else:
-            gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else torch.tensor(0.0)
-        mean_loss = total / s.grad_accum
-        if self.world > 1:  # the global batch's loss; the same number (and decision) on every rank
-            t = torch.tensor([mean_loss], dtype=torch.float64, device=self.device)
-            torch.distributed.all_reduce(t)
-            mean_loss = t.item() / self.world
-        finite = math.isfinite(mean_loss) and bool(torch.isfinite(gnorm))  # gradients are already synced
-        if finite or self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)  # the fp16 scaler skips non-finite steps itself
-            self.scaler.update()
-        if not finite:
-            self.skips += 1
-            self.log(f"step {self.step + 1}: non-finite loss or gradients (loss {mean_loss}); step skipped "
-                     f"({self.skips}/{s.max_skips} skips allowed)")
-            if self.skips > s.max_skips and not self.scaler.is_enabled():
-                self.optimizer.zero_grad(set_to_none=True)
-                raise TrainingStopped(
-                    f"stopped at step {self.step + 1}: {self.skips} non-finite steps exceed --max-skips {s.max_skips}; "
-                    f"the last good checkpoint in {self.out} is kept"
-                )
-        self.optimizer.zero_grad(set_to_none=True)
-        return mean_loss, items
+            self.elapsed += seconds
+            meter.add(items, seconds)
+        self.step += 1
+        self.items_seen += items
 
-    def run_eval(self) -> dict:
-        if self.evaluate_fn is None:
-            return {}
-        self.model.eval()
-        with torch.no_grad(), autocast(self.device, self.s.dtype):
-            metrics = self.evaluate_fn(self.model)
-        self.model.train()
-        return metrics
-
-    def fit(self, flops_per_item: float = 0.0, peak_flops: float = 0.0, unit: str = "tok") -> dict:
-        """Train until max_steps or the time budget; evaluate and save at intervals and at the end."""
-        s = self.s
-        bar = None
-        if s.progress and self.is_main:
-            from tqdm import tqdm
-
-            # With a time budget the bar fills with training seconds (a step count would show a few
-            # percent of an unreachable max_steps); otherwise with steps.
-            by_time = bool(s.time_budget)
-            bar = tqdm(total=round(s.time_budget) if by_time else s.max_steps,
-                       initial=min(round(self.elapsed), round(s.time_budget)) if by_time else self.step,
-                       dynamic_ncols=True, unit="s" if by_time else "step", disable=not s.progress,
-                       bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt}s [{elapsed}{postfix}]" if by_time else None)
-        last_eval: dict = {}
-        window_items, window_time = 0, 0.0
-        wall0 = time.perf_counter()
-        first = True
-        while not self.done():
-            t0 = time.perf_counter()
-            loss, items = self.train_step()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            if first and s.compile:
-                # the first step compiles the graph: report it, don't charge it to the budget
-                self.compile_seconds, first = dt, False
-            else:
-                self.elapsed += dt
-                window_items += items * self.world
-                window_time += dt
-            first = False
-            self.step += 1
-            self.items_seen += items * self.world
-            rate = window_items / window_time if window_time > 0 else 0.0
-            # MFU only where a FLOP count and a measured peak are known (finetune.py has neither): None, not 0.
-            mfu = rate * flops_per_item / peak_flops if peak_flops and flops_per_item else None
-            if bar is not None:
-                left = (s.max_steps - self.step) / max(self.step, 1) * self.elapsed
-                if s.time_budget:
-                    left = min(left, s.time_budget - self.elapsed)
-                    bar.update(min(self.elapsed, s.time_budget) - bar.n)
-                else:
-                    bar.update(1)
-                shown = f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
-                bar.set_postfix_str(f"step {self.step} | loss {loss:.4f} | {rate:,.0f} {unit}/s{shown} | ETA {max(left, 0):.0f}s",
-                                    refresh=False)
-            evaluating = s.eval_interval and self.step % s.eval_interval == 0 and not self.done()
-            if self.step % s.log_interval == 0 or evaluating or self.done():
-                row = {"step": self.step, "train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
-                       f"{unit}_per_s": rate, "mfu": mfu, "elapsed": round(self.elapsed, 3)}
-                if evaluating:
-                    last_eval = self.run_eval()
-                    row.update(last_eval)
-                    if bar is not None:
-                        bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()
-                                                                      if isinstance(v, float)))
-                self.write_metrics(row)
-                window_items, window_time = 0, 0.0
-            if (evaluating and s.ckpt_interval == 0) or (s.ckpt_interval and self.step % s.ckpt_interval == 0):
-                self.save()
-        if bar is not None:
-            bar.close()
-        final = self.run_eval()
-        if final:
-            if self.history and self.history[-1]["step"] == self.step:
-                self.history[-1].update(final)
-                if self.is_main:
-                    self._rewrite_metrics()
-            else:
-                self.write_metrics({"step": self.step, **final})
-        path = self.save()
-        wall = time.perf_counter() - wall0
-        rates = [r[f"{unit}_per_s"] for r in self.history if r.get(f"{unit}_per_s")]
-        summary = {
-            "steps": self.step, "train_seconds": round(self.elapsed, 2), "wall_seconds": round(wall, 2),
-            "compile_seconds": round(self.compile_seconds, 2),
-            f"{unit}_per_s": round(sorted(rates)[len(rates) // 2], 1) if rates else None,
-            "mfu": None, "skipped_steps": self.skips, "checkpoint": path,
-            **{f"final_{k}" if not k.startswith(("eval_", "val_")) else k: v for k, v in final.items()},
-        }
-        if summary[f"{unit}_per_s"] and flops_per_item and peak_flops:
-            summary["mfu"] = round(summary[f"{unit}_per_s"] * flops_per_item / peak_flops, 4)
-        return summary
-
-    def _rewrite_metrics(self) -> None:
-        """Atomically: a crash while rewriting must not lose the curve."""
-        path = os.path.join(self.out, "metrics.jsonl")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            for row in self.history:
-                f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
+    def checkpoint_due(self, s: TrainSettings, evaluated: bool) -> bool:
+        by_steps = s.ckpt_interval and self.step % s.ckpt_interval == 0
+        return bool((evaluated and not s.ckpt_interval) or by_steps or self.elapsed - self.last_save >= s.ckpt_seconds)
 
 
-def _literal(s: str):
-    import ast
-
-    return ast.literal_eval(s)
+# ---------------------------------------------------------------------------------------------
+# One optimizer step
 
 
-def plot_losses(history: list[dict], path: str, unit: str = "step") -> Optional[str]:
-    """loss.png: train and validation loss against steps. None (and no file) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    tr = [(r["step"], r["train_loss"]) for r in history if "train_loss" in r]
-    va = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
-    if tr:
-        ax.plot(*zip(*tr), label="train", lw=1)
-    if va:
-        ax.plot(*zip(*va), label="validation", marker="o", lw=1.5)
-    ax.set_xlabel(unit)
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+def count_targets(targets: list[torch.Tensor]) -> torch.Tensor:
+    """Target tokens (labels != -100) in all of a step's micro-batches, summed over processes.
+    Stays on the device: no host sync."""
+    n = sum((y != -100).sum() for y in targets).float()
+    return all_reduce_sum(n)
 
 
-def write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def token_share(loss: torch.Tensor, targets: torch.Tensor, n_step: torch.Tensor) -> torch.Tensor:
+    """A micro-batch's part of the step's mean loss: its mean loss times its share of the step's
+    target tokens. Summed over micro-batches and processes, the gradient is that of one batch
+    holding all of them, however unevenly the tokens fall (masked LM, instruction tuning)."""
+    n = (targets != -100).sum()
+    return torch.where(n > 0, loss.float(), 0.0) * n / n_step.clamp(min=1)  # no targets: no NaN
+
+
+def clip_gradients(model: nn.Module, optimizer, scaler, max_norm: float) -> torch.Tensor:
+    """The global gradient norm (after unscaling), clipped to max_norm when it is positive."""
+    scaler.unscale_(optimizer)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if max_norm > 0:
+        return nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+def sync_step(step_loss: torch.Tensor, grad_norm: torch.Tensor, time_up: bool) -> tuple[float, bool, bool]:
+    """The step's one host synchronisation. Returns the global mean loss, whether loss and
+    gradients are finite, and whether rank 0's clock says the time budget is spent: every
+    process takes rank 0's word, so all stop after the same step."""
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    dev = step_loss.device
+    shared = all_reduce_sum(torch.stack([step_loss.float(), torch.tensor(float(time_up and rank0), device=dev)]))
+    loss, stop, gnorm = torch.cat([shared, grad_norm.float().reshape(1).to(dev)]).tolist()
+    return loss, math.isfinite(loss) and math.isfinite(gnorm), stop > 0
+
+
+def skip_step(state: TrainState, s: TrainSettings, loss: float, out: str, log=print) -> None:
+    """Count a non-finite step (its update was not applied); past max_skips, stop the run."""
+    state.skips += 1
+    log(f"step {state.step + 1}: non-finite loss or gradients (loss {loss}); step skipped "
+        f"({state.skips}/{s.max_skips} skips allowed)")
+    if state.skips > s.max_skips:
+        raise TrainingStopped(f"stopped at step {state.step + 1}: {state.skips} non-finite steps exceed "
+                              f"--max-skips {s.max_skips}; the last good checkpoint in {out} is kept")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints of a run: checkpoint.py's folder plus the optimizer, RNG and data position
+
+
+def _to_json(data_state: dict) -> dict:
+    return {k: ckpt_io.rng_to_json(v) if isinstance(v, torch.Tensor) else v for k, v in data_state.items()}
+
+
+def _from_json(data_state: dict) -> dict:
+    return {k: ckpt_io.rng_from_json(v) if isinstance(v, str) else v for k, v in data_state.items()}
+
+
+def save_training(out: str, model, optimizer, scaler, state: TrainState, settings: TrainSettings, data, *,
+                  config, tokenizer, extra: dict, tensors: Optional[Callable[[], dict]] = None) -> str:
+    """Write <out>/checkpoint atomically; `tensors()` replaces the weights (e.g. LoRA adapters).
+    Non-finite weights are never written: the run stops and the last good checkpoint stays."""
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise TrainingStopped(f"stopped at step {state.step}: the weights are no longer finite (lower --lr?); "
+                              f"the last good checkpoint in {out} is kept")
+    state.last_save = state.elapsed
+    trainer_state = {
+        **asdict(state), "settings": asdict(settings), "data": _to_json(data.state()),
+        "torch_rng": ckpt_io.rng_to_json(torch.get_rng_state()), "python_rng": list(random.getstate()),
+        "scaler": {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in scaler.state_dict().items()},
+    }
+    return ckpt_io.save_checkpoint(out, model, config, tokenizer, optimizer=optimizer, trainer_state=trainer_state,
+                                   extra_config=extra, tensors=tensors() if tensors is not None else None)
+
+
+def resume_training(ckpt: str, model, optimizer, scaler, state: TrainState, data, strict: bool = True) -> None:
+    """Load weights, optimizer moments, schedule position, RNG states and data position."""
+    ckpt_io.load_weights(model, ckpt_io.read_tensors(os.path.join(ckpt, "model.safetensors")), ckpt, strict=strict)
+    path = os.path.join(ckpt, "trainer_state.json")
+    opt_path = os.path.join(ckpt, "optimizer.safetensors")
+    opt_tensors = ckpt_io.read_tensors(opt_path) if os.path.exists(opt_path) else None
+    try:  # a damaged or foreign trainer_state.json is one clear error, not a traceback
+        with open(path, encoding="utf-8") as f:
+            st = json.load(f)
+        if opt_tensors is not None:
+            ckpt_io.optimizer_from_tensors(optimizer, opt_tensors, st["optimizer"])
+        state.step, state.elapsed = int(st["step"]), float(st["elapsed"])
+        state.items_seen, state.skips = int(st.get("items_seen", 0)), int(st.get("skips", 0))
+        state.compile_seconds, state.last_save = float(st.get("compile_seconds", 0.0)), state.elapsed
+        torch.set_rng_state(ckpt_io.rng_from_json(st["torch_rng"]))
+        version, internal, gauss = st["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
+        if st.get("scaler"):
+            scaler.load_state_dict(st["scaler"])
+        data.load_state(_from_json(st["data"]))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
+        raise ValueError(f"{path}: cannot resume from it ({type(e).__name__}: {e})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Watching a run
+
+
+class Meter:
+    """Throughput over the steps since the last log row, and MFU where a FLOP count is known."""
+
+    def __init__(self, flops_per_item: float = 0.0, peak_flops: float = 0.0):
+        self.flops_per_item, self.peak_flops = flops_per_item, peak_flops
+        self.items, self.seconds = 0, 0.0
+
+    def add(self, items: int, seconds: float) -> None:
+        self.items, self.seconds = self.items + items, self.seconds + seconds
+
+    def rate(self) -> float:
+        return self.items / self.seconds if self.seconds > 0 else 0.0
+
+    def mfu(self, rate: Optional[float] = None) -> Optional[float]:
+        """None (not 0) where no FLOP count or peak is known."""
+        if not (self.flops_per_item and self.peak_flops):
+            return None
+        return (self.rate() if rate is None else rate) * self.flops_per_item / self.peak_flops
+
+    def row(self, state: TrainState, loss: float, lr: float, unit: str) -> dict:
+        """A metrics.jsonl row; starts the next window."""
+        row = {"step": state.step, "train_loss": loss, "lr": lr, f"{unit}_per_s": self.rate(), "mfu": self.mfu(),
+               "elapsed": round(state.elapsed, 3)}
+        self.items, self.seconds = 0, 0.0
+        return row
+
+
+class ProgressBar:
+    """tqdm over steps, or over training seconds when a time budget ends the run (a step count
+    would show a few percent of an unreachable max_steps). Silent when disabled."""
+
+    def __init__(self, s: TrainSettings, state: TrainState, enabled: bool):
+        self.s, self.bar = s, None
+        if not enabled:
+            return
+        if s.time_budget:
+            self.bar = tqdm(total=round(s.time_budget), initial=min(round(state.elapsed), round(s.time_budget)),
+                            unit="s", dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt}s [{elapsed}{postfix}]")
+        else:
+            self.bar = tqdm(total=s.max_steps, initial=state.step, unit="step", dynamic_ncols=True)
+
+    def update(self, state: TrainState, loss: float, meter: Meter, unit: str) -> None:
+        if self.bar is None:
+            return
+        left = (self.s.max_steps - state.step) / max(state.step, 1) * state.elapsed
+        if self.s.time_budget:
+            left = min(left, self.s.time_budget - state.elapsed)
+            self.bar.update(min(state.elapsed, self.s.time_budget) - self.bar.n)
+        else:
+            self.bar.update(1)
+        mfu = meter.mfu()
+        shown = f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
+        self.bar.set_postfix_str(f"step {state.step} | loss {loss:.4f} | {meter.rate():,.0f} {unit}/s{shown} | "
+                                 f"ETA {max(left, 0):.0f}s", refresh=False)
+
+    def write(self, msg: str, log=print) -> None:
+        (self.bar.write if self.bar is not None else log)(msg)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -380,17 +380,16 @@ def test_cli_unwritable_out_and_full_disk(tmp_path, corpus):
 # metrics.jsonl: the loss curve survives a crash while it is rewritten
 
 
-def test_metrics_survive_a_crash_while_rewritten(tmp_path, tiny_model, monkeypatch):
+def test_metrics_survive_a_crash_while_rewritten(tmp_path, monkeypatch):
     """On resume the curve is cut back to the checkpoint's step, and at the end the final
     evaluation is merged in: both rewrite metrics.jsonl. A process dying half way through
     either leaves the previous file whole (write to a temporary file, then rename)."""
-    from minillm import training
-    from minillm.training import Trainer, TrainSettings
+    from minillm import run_dir
+    from minillm.run_dir import RunDir
 
-    trainer = Trainer(tiny_model, TrainSettings(progress=False), str(tmp_path), get_batch=None, loss_fn=None,
-                      log=lambda *a: None)
+    run = RunDir(str(tmp_path))
     for step in range(1, 6):
-        trainer.write_metrics({"step": step, "train_loss": 1.0 / step})
+        run.log({"step": step, "train_loss": 1.0 / step})
     path = tmp_path / "metrics.jsonl"
     before = path.read_bytes()
     real, calls = json.dumps, [0]
@@ -401,30 +400,29 @@ def test_metrics_survive_a_crash_while_rewritten(tmp_path, tiny_model, monkeypat
             raise KeyboardInterrupt  # as good as a kill for what is on disk
         return real(obj, *a, **k)
 
-    trainer.step = 3
-    for rewrite in (trainer._truncate_metrics, trainer._rewrite_metrics):
+    rewrites = {"truncate on resume": lambda: RunDir(str(tmp_path)).start(resumed_step=3),
+                "merge the final evaluation": lambda: run.log({"step": 5, "val_loss": 0.5})}
+    for name, rewrite in rewrites.items():
         calls[0] = 0
-        monkeypatch.setattr(training.json, "dumps", dies_on_the_third_row)
+        monkeypatch.setattr(run_dir.json, "dumps", dies_on_the_third_row)
         with pytest.raises(KeyboardInterrupt):
             rewrite()
         monkeypatch.undo()
-        assert path.read_bytes() == before, rewrite.__name__
+        assert path.read_bytes() == before, name
 
 
 @pytest.mark.parametrize("tail", ['{"step": 4, "train_lo', '{"step": 3, "train_loss": 0.5}', "\x00\x00\x00"])
-def test_metrics_line_cut_short_by_a_crash(tmp_path, tiny_model, tail):
+def test_metrics_line_cut_short_by_a_crash(tmp_path, tail):
     """The last line as a crash may leave it (cut short, or whole but without its newline, or
     zeros from a file system that extended the file first): resuming at step 3 keeps steps 1-3,
     each once, and the lines written next are whole lines."""
-    from minillm.training import Trainer, TrainSettings
+    from minillm.run_dir import RunDir
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "train_loss": 1.0}) + "\n" for s in (1, 2)) + tail)
-    trainer = Trainer(tiny_model, TrainSettings(progress=False), str(tmp_path), get_batch=None, loss_fn=None,
-                      log=lambda *a: None)
-    trainer.step = 3
-    trainer._truncate_metrics()
-    trainer.write_metrics({"step": 4, "train_loss": 0.25})
+    run = RunDir(str(tmp_path))
+    run.start(resumed_step=3)
+    run.log({"step": 4, "train_loss": 0.25})
     rows = metrics(tmp_path)
     want = [1, 2, 3, 4] if tail.startswith('{"step": 3') else [1, 2, 4]
     assert [r["step"] for r in rows] == want

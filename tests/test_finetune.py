@@ -313,7 +313,7 @@ def test_minilm_lora_steps_and_round_trip(tmp_path):
     ours, _, _ = load_finetuned(str(out))
     ours.eval()
     with torch.no_grad():
-        a = ours.classify(batch["input_ids"], batch["attention_mask"], None, batch["token_type_ids"])[0]
+        a = ours.classify(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])[0]
         b = theirs(**batch).logits
     assert (a - b).abs().max().item() < 1e-4
 

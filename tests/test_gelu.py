@@ -1,7 +1,8 @@
 """GELU (tanh) kernels against F.gelu(approximate="tanh") (interpreter on CPU-only machines).
 
-Tolerances (output and dx): ours against F.gelu in float64 must be within twice the
-error of torch's own F.gelu (and its backward) in the same dtype plus atol + rtol * max|ref|,
+Tolerances (output and dx): FlashAttention's rule (tests/kernel_check.py): ours against
+F.gelu in float64 must be within twice the error of torch's own F.gelu (and its backward) in
+the same dtype plus atol + rtol * max|ref|,
 with (atol, rtol) = (1e-5, 1e-5) for float32, (1e-3, 1e-3) for float16 and (1e-2, 8e-3) for
 bfloat16 (about one unit in the last place: the interpreter truncates float32 -> bf16). The
 kernel's sigmoid form of tanh differs from torch's by float32 rounding only: against a
@@ -17,32 +18,17 @@ from hypothesis import strategies as st
 
 import kernels.gelu as gelu_mod
 from kernels.gelu import gelu_tanh, gelu_tanh_reference
+from kernel_check import DTYPES, check_op
 
-TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-2, 8e-3)}
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def run(fn, x, dy):
-    x = x.detach().clone().requires_grad_()
-    y = fn(x)
-    y.backward(dy.to(y.dtype))
-    return y, x.grad
+KERNELS = (gelu_mod._gelu_fwd_kernel, gelu_mod._gelu_bwd_kernel)
 
 
-def check(x):
-    dtype = x.dtype
-    dy = torch.randn(x.shape)
+def check(x, dy=None):
+    """Ours against F.gelu(approximate="tanh"), on x and the upstream dy as laid out."""
+    dy = torch.randn(x.shape) if dy is None else dy
     with warnings.catch_warnings():  # numpy's exp overflows to inf for very negative x: harmless
         warnings.simplefilter("ignore", RuntimeWarning)
-        ours = run(gelu_tanh, x, dy)
-    ref = run(lambda a: F.gelu(a, approximate="tanh"), x.double(), dy)
-    lowp = run(lambda a: F.gelu(a, approximate="tanh"), x, dy)
-    atol, rtol = TOL[dtype]
-    for name, o, r, lp in zip(("y", "dx"), ours, ref, lowp):
-        assert o.dtype == dtype and o.shape == x.shape, name
-        err = (o.double() - r).abs().max().item()
-        bound = 2 * (lp.double() - r).abs().max().item() + atol + rtol * r.abs().max().item()
-        assert err <= bound, f"{name} ({dtype}): error {err:.3g} > bound {bound:.3g}"
+        check_op(gelu_tanh, lambda a: F.gelu(a, approximate="tanh"), [x], dy, names=("y", "x"), kernels=KERNELS)
 
 
 @given(
@@ -64,6 +50,15 @@ def test_several_blocks_and_a_ragged_tail():
 def test_non_contiguous_input():
     torch.manual_seed(0)
     check(torch.randn(30, 20).t())
+
+
+def test_non_contiguous_upstream_gradient():
+    """The upstream gradient broadcast by expand() (stride 0) or transposed, and an input
+    broadcast the same way."""
+    torch.manual_seed(0)
+    check(torch.randn(7, 30), dy=torch.randn(30).expand(7, 30))
+    check(torch.randn(7, 30).half(), dy=torch.randn(30, 7).t())
+    check(torch.randn(30).expand(7, 30))
 
 
 def test_fallback_without_triton(monkeypatch):

@@ -67,6 +67,12 @@ def batch(seed, lengths=(T, 17, 5), token_types=False):
     return ids, mask, types
 
 
+def load(directory, **overrides):
+    """Our model from a HF directory, in eval mode (the heads it lacks are not asked for here)."""
+    model, _ = load_hf(directory, **overrides)
+    return model.eval()
+
+
 def save(model, directory) -> str:
     model.save_pretrained(directory)
     return str(directory)
@@ -137,7 +143,7 @@ def gpt_all_hidden(model: GPT, ids, mask):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gpt2_lm_logits_and_hidden_states(gpt2_lm, backend):
     hf, path = gpt2_lm
-    ours = load_hf(path, attention_backend=backend).eval()
+    ours = load(path, attention_backend=backend)
     ids, mask, _ = batch(10)
     with torch.no_grad():
         theirs = hf(ids, attention_mask=mask, output_hidden_states=True)
@@ -155,7 +161,7 @@ def test_gpt2_lm_logits_and_hidden_states(gpt2_lm, backend):
 
 def test_gpt2_sequence_classification(gpt2_cls):
     hf, path = gpt2_cls
-    ours = load_hf(path).eval()
+    ours = load(path)
     assert ours.config.num_labels == 3
     ids, mask, _ = batch(11)
     with torch.no_grad():
@@ -168,8 +174,9 @@ def test_gpt2_sequence_classification(gpt2_cls):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bert_hidden_states_with_padding(bert_base, backend):
     hf, path = bert_base
-    ours = load_hf(path, attention_backend=backend).eval()
-    assert "cls" in ours.hf_missing_heads  # a bare BertModel has no MLM head
+    ours, missing_heads = load_hf(path, attention_backend=backend)
+    ours.eval()
+    assert missing_heads == ["cls"]  # a bare BertModel has no MLM head
     ids, mask, types = batch(12, token_types=True)
     with torch.no_grad():
         theirs = hf(ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
@@ -184,7 +191,7 @@ def test_bert_hidden_states_with_padding(bert_base, backend):
 
 def test_bert_masked_lm(bert_mlm):
     hf, path = bert_mlm
-    ours = load_hf(path).eval()
+    ours = load(path)
     ids, mask, types = batch(13, token_types=True)
     with torch.no_grad():
         theirs = hf(ids, attention_mask=mask, token_type_ids=types).logits
@@ -195,7 +202,7 @@ def test_bert_masked_lm(bert_mlm):
 
 def test_bert_sequence_classification(bert_cls):
     hf, path = bert_cls
-    ours = load_hf(path).eval()
+    ours = load(path)
     ids, mask, types = batch(14, token_types=True)
     with torch.no_grad():
         theirs = hf(ids, attention_mask=mask, token_type_ids=types).logits
@@ -208,7 +215,7 @@ def test_weights_from_pytorch_model_bin(gpt2_lm, tmp_path):
     hf, path = gpt2_lm
     shutil.copy(os.path.join(path, "config.json"), tmp_path)
     torch.save(load_file(os.path.join(path, "model.safetensors")), tmp_path / "pytorch_model.bin")
-    ours = load_hf(str(tmp_path)).eval()
+    ours = load(str(tmp_path))
     ids, _, _ = batch(15, lengths=(9, 9))
     with torch.no_grad():
         assert max_diff(ours(ids)[0], hf(ids).logits) <= ATOL
@@ -217,7 +224,7 @@ def test_weights_from_pytorch_model_bin(gpt2_lm, tmp_path):
 def test_bert_masked_lm_with_tanh_gelu(tmp_path):
     torch.manual_seed(0)
     hf = perturb(BertForMaskedLM(bert_config(hidden_act="gelu_new")), 6)
-    ours = load_hf(save(hf, tmp_path)).eval()
+    ours = load(save(hf, tmp_path))
     ids, mask, _ = batch(16)
     with torch.no_grad():
         assert max_diff(ours(ids, attention_mask=mask)[0], hf(ids, attention_mask=mask).logits) <= ATOL
@@ -226,10 +233,30 @@ def test_bert_masked_lm_with_tanh_gelu(tmp_path):
 def test_gpt2_with_untied_lm_head(tmp_path):
     torch.manual_seed(0)
     hf = perturb(GPT2LMHeadModel(gpt2_config(tie_word_embeddings=False)), 7)
-    ours = load_hf(save(hf, tmp_path)).eval()
+    ours = load(save(hf, tmp_path))
     ids, _, _ = batch(17, lengths=(8,))
     with torch.no_grad():
         assert max_diff(ours(ids)[0], hf(ids).logits) <= ATOL
+
+
+GPT2_ATTENTION = {
+    "unscaled": dict(scale_attn_weights=False),
+    "by-layer": dict(scale_attn_by_inverse_layer_idx=True),
+    "unscaled-by-layer": dict(scale_attn_weights=False, scale_attn_by_inverse_layer_idx=True),
+    "upcast": dict(reorder_and_upcast_attn=True),
+}
+
+
+@pytest.mark.parametrize("attn", list(GPT2_ATTENTION))
+def test_gpt2_attention_scale_options(tmp_path, attn):
+    """GPT-2 configs may drop the 1/sqrt(head_dim) of the scores (scale_attn_weights=False),
+    divide them by the layer number, or compute them upcast and reordered: same logits here."""
+    torch.manual_seed(0)
+    hf = perturb(GPT2LMHeadModel(gpt2_config(**GPT2_ATTENTION[attn])), 8, std=0.2)
+    ours = load(save(hf, tmp_path))
+    ids, mask, _ = batch(18)
+    with torch.no_grad():
+        assert max_diff(ours(ids, attention_mask=mask)[0], hf(ids, attention_mask=mask).logits, mask) <= ATOL
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +295,7 @@ def test_minilm_matches_transformers(minilm_dir):
     assert ids[0, 0].item() == 101 and ids[2].tolist()[:3] == [101, 7632, 102]  # [CLS] hi [SEP]
 
     hf = AutoModel.from_pretrained(minilm_dir, attn_implementation="eager").eval()
-    ours = load_hf(minilm_dir).eval()
+    ours = load(minilm_dir)
     assert ours.config.n_layer == 6 and ours.config.n_embd == 384
     with torch.no_grad():
         theirs = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
@@ -358,7 +385,7 @@ def test_export_bert_classifier(tmp_path):
 def test_save_hf_then_load_hf_round_trip(make, tmp_path):
     ours = make()
     save_hf(ours, str(tmp_path))
-    back = load_hf(str(tmp_path)).eval()
+    back = load(str(tmp_path))
     ids, mask, _ = batch(34)
     with torch.no_grad():
         if isinstance(ours, GPT):
@@ -382,6 +409,26 @@ def test_export_untied_bert_mlm(tmp_path):
     ids, mask, _ = batch(35)
     with torch.no_grad():
         assert max_diff(ours(ids, attention_mask=mask)[0], hf(ids, attention_mask=mask).logits) <= ATOL
+
+
+def test_export_gpt_with_gpt2_attention_scale_options(tmp_path):
+    ours = our_gpt(attn_scale=1.0, attn_scale_by_layer=True)
+    save_hf(ours, str(tmp_path))
+    hf = from_pretrained(GPT2LMHeadModel, str(tmp_path))
+    assert not hf.config.scale_attn_weights and hf.config.scale_attn_by_inverse_layer_idx
+    ids, mask, _ = batch(36)
+    with torch.no_grad():
+        assert max_diff(ours(ids, attention_mask=mask)[0], hf(ids, attention_mask=mask).logits, mask) <= ATOL
+
+
+@pytest.mark.parametrize(
+    "arch,overrides,match",
+    [("gpt-cpu", dict(attn_scale=0.5), "attn_scale=0.5"), ("bert-tiny", dict(attn_scale=1.0), "attn_scale=1.0"),
+     ("bert-tiny", dict(attn_scale_by_layer=True), "attn_scale_by_layer")],
+)
+def test_export_refuses_attention_scales_hf_cannot_hold(arch, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        config_to_hf(preset(arch, n_layer=1, n_head=4, n_embd=32, **overrides))
 
 
 @pytest.mark.parametrize(
@@ -554,7 +601,7 @@ def test_absurd_sizes_fail_before_allocating(tmp_path, cfg):
     "change,match",
     [(dict(n_layer=0), "'n_layer' must be a positive integer"), (dict(n_embd="768"), "'n_embd'"),
      (dict(activation_function="swish"), "activation_function 'swish'"),
-     (dict(scale_attn_by_inverse_layer_idx=True), "scaled/reordered attention")],
+     (dict(scale_attn_weights="no"), "'scale_attn_weights' must be true or false")],
 )
 def test_bad_gpt2_config_values(gpt2_lm, tmp_path, change, match):
     cfg = json.loads(open(os.path.join(gpt2_lm[1], "config.json")).read())

@@ -15,10 +15,11 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 
-from minillm import build_model
+from minillm.model import build_model
 from minillm.checkpoint import load_model, read_config, save_checkpoint
 from minillm.config import ModelConfig
 from minillm.hf_import import load_hf, save_hf
@@ -123,20 +124,24 @@ def test_damaged_safetensors_in_a_hf_directory(hf_dir, tmp_path, how):
 
 
 def test_resume_from_damaged_optimizer_or_state(ckpt_dir, tmp_path):
-    from minillm.training import Trainer, TrainSettings
+    from minillm.data import LMData
+    from minillm.training import TrainSettings, TrainState, make_optimizer, resume_training
 
-    def trainer():
-        return Trainer(tiny(), TrainSettings(progress=False), str(tmp_path), get_batch=None, loss_fn=None,
-                       log=lambda *a: None)
+    def resume(d):
+        model = tiny()
+        tokens = np.arange(64, dtype=np.int64) % 60
+        data = LMData(tokens, tokens, 8, 2, 0, torch.device("cpu"))
+        resume_training(d, model, make_optimizer(model, TrainSettings()), torch.amp.GradScaler("cpu", enabled=False),
+                        TrainState(), data)
 
     d = copy(ckpt_dir, tmp_path / "c1")
     corrupt(os.path.join(d, "optimizer.safetensors"), "truncated")
-    expect_error(lambda: trainer().resume(d), "optimizer.safetensors")
+    expect_error(lambda: resume(d), "optimizer.safetensors")
     for i, bad in enumerate(("{", "[]", '{"step": 1}', '{"step": "x", "elapsed": 0}', "\xff")):
         d = copy(ckpt_dir, tmp_path / f"s{i}")
         with open(os.path.join(d, "trainer_state.json"), "w", encoding="latin-1") as f:
             f.write(bad)
-        expect_error(lambda: trainer().resume(d), "trainer_state.json")
+        expect_error(lambda: resume(d), "trainer_state.json")
 
 
 # -- config.json asking for absurd or ill-typed things ------------------------------------------
@@ -298,7 +303,8 @@ def test_good_files_still_load(ckpt_dir, hf_dir, tmp_path):
     that refuses everything)."""
     model, tok, cfg = load_model(ckpt_dir)
     assert tok.decode(tok.encode("hello")) == "hello" and cfg["model"]["n_layer"] == 2
-    assert load_hf(hf_dir).config.n_layer == 2
+    model, _ = load_hf(hf_dir)
+    assert model.config.n_layer == 2
     t = HFTokenizer.train_bpe(["some text to learn from " * 20], 300)
     t.save(str(tmp_path))
     assert load_tokenizer(str(tmp_path / "tokenizer.json")).decode(t.encode("some text")) == "some text"
@@ -326,13 +332,11 @@ def test_cli_tools_on_damaged_checkpoints(tmp_path):
     train_args = ["--data", str(tmp_path / "c.txt"), "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
                   "--block-size", "16", "--batch-size", "2", "--eval-iters", "1", "--no-progress",
                   "--sample-tokens", "0", "--max-steps", "4", "--eval-interval", "0"]
-    tok = CharTokenizer.train(text)
-    config = ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=16)
-    model = build_model(config)
-    good = tmp_path / "good"
-    save_checkpoint(str(good), model, config, tok, optimizer=torch.optim.AdamW(model.parameters()),
-                    trainer_state={"step": 0})
-    absurd = {"model": {**config.to_dict(), "n_layer": HUGE, "n_embd": HUGE, "n_head": 1}}
+    good = tmp_path / "good"  # a checkpoint as train.py writes it, stopped before the end of its schedule
+    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *train_args, "--stop-at-step", "2", "--out", str(good)],
+                   env=env, cwd=tmp_path, check=True, capture_output=True)
+    saved = json.load(open(good / "checkpoint" / "config.json"))
+    absurd = {**saved, "model": {**saved["model"], "n_layer": HUGE, "n_embd": HUGE, "n_head": 1}}
     damages = {"weights": lambda d: corrupt(os.path.join(d, "model.safetensors"), "truncated"),
                "config": lambda d: json.dump(absurd, open(os.path.join(d, "config.json"), "w")),
                "state": lambda d: open(os.path.join(d, "trainer_state.json"), "w").write("{}")}

@@ -1,11 +1,11 @@
-"""LayerNorm kernels against PyTorch (interpreter on CPU-only machines).
+"""LayerNorm kernels against torch.nn.functional.layer_norm (interpreter on CPU-only machines).
 
-Tolerances (outputs and every gradient): the error of ours against PyTorch in float64
-must be at most twice the error of PyTorch's own computation in the same dtype (F.layer_norm
-and its backward run natively in fp32/fp16/bf16) plus atol + rtol * max|reference|, with
-(atol, rtol) = (1e-5, 1e-5) for float32, (1e-3, 1e-3) for float16 and (1e-2, 8e-3) for
-bfloat16: about one unit in the last place, since the interpreter truncates float32 -> bf16
-where a GPU rounds.
+Tolerances (outputs and every gradient): FlashAttention's rule (tests/kernel_check.py): the
+error of ours against F.layer_norm in float64 must be at most twice the error of PyTorch's
+own computation in the same dtype (F.layer_norm and its backward run natively in
+fp32/fp16/bf16) plus atol + rtol * max|reference|, with (atol, rtol) = (1e-5, 1e-5) for
+float32, (1e-3, 1e-3) for float16 and (1e-2, 8e-3) for bfloat16: about one unit in the last
+place, since the interpreter truncates float32 -> bf16 where a GPU rounds.
 """
 import pytest
 import torch
@@ -15,37 +15,16 @@ from hypothesis import strategies as st
 
 import kernels.layer_norm as ln
 from kernels.layer_norm import layer_norm, layer_norm_reference
+from kernel_check import DTYPES, check_op
 
-TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-2, 8e-3)}
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def assert_close(ours, lowp, ref, dtype, what):
-    atol, rtol = TOL[dtype]
-    err = (ours.double() - ref).abs().max().item()
-    torch_err = (lowp.double() - ref).abs().max().item()
-    bound = 2 * torch_err + atol + rtol * ref.abs().max().item()
-    assert err <= bound, f"{what} ({dtype}): error {err:.3g} > bound {bound:.3g} (torch's own: {torch_err:.3g})"
+KERNELS = (ln._layer_norm_fwd_kernel, ln._layer_norm_bwd_kernel)
 
 
-def run(fn, x, w, b, dy):
-    """Output and gradients of fn on fresh leaf copies of the inputs."""
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
-    y = fn(*leaves)
-    y.backward(dy.to(y.dtype))
-    return [y] + [t.grad for t in leaves if t is not None]
-
-
-def check(x, w, b, eps=1e-5):
-    dtype = x.dtype
-    dy = torch.randn(x.shape)
-    up = lambda t: t.double() if t is not None else None  # noqa: E731
-    ours = run(lambda a, c, d: layer_norm(a, c, d, eps), x, w, b, dy)
-    ref = run(lambda a, c, d: F.layer_norm(a, a.shape[-1:], c, d, eps), up(x), up(w), up(b), dy)
-    lowp = run(lambda a, c, d: F.layer_norm(a, a.shape[-1:], c, d, eps), x, w, b, dy)
-    for name, o, r, lp in zip(("y", "dx", "dweight", "dbias"), ours, ref, lowp):
-        assert o.dtype == lp.dtype and o.shape == lp.shape, name
-        assert_close(o, lp, r, dtype, name)
+def check(x, w, b, eps=1e-5, dy=None):
+    """Ours against F.layer_norm, on x, weight, bias and the upstream dy as laid out."""
+    dy = torch.randn(x.shape) if dy is None else dy
+    check_op(lambda a, c, d: layer_norm(a, c, d, eps), lambda a, c, d: F.layer_norm(a, a.shape[-1:], c, d, eps),
+             [x, w, b], dy, names=("y", "x", "weight", "bias"), kernels=KERNELS)
 
 
 @given(
@@ -72,6 +51,19 @@ def test_leading_dims_and_strided_input():
     check(x, torch.randn(50), torch.randn(50))
     x = torch.randn(2, 5, 64)[:, 1:4]  # rows strided, last dim contiguous: used as is
     check(x, torch.randn(64), None, eps=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_non_contiguous_weight_bias_and_upstream_gradient(dtype):
+    """Strided weight and bias (every other element of a longer vector), an upstream gradient
+    broadcast over the rows by expand() (row stride 0) or transposed, and an input broadcast
+    over the rows: every tensor the kernels read through a pointer."""
+    torch.manual_seed(2)
+    x = torch.randn(6, 40).to(dtype)
+    w, b = torch.randn(80).to(dtype)[::2], torch.randn(120).to(dtype)[1::3]
+    check(x, w, b, dy=torch.randn(40).expand(6, 40))
+    check(x, w, b, dy=torch.randn(40, 6).t())
+    check(torch.randn(1, 40).to(dtype).expand(5, 40), w, b)
 
 
 def test_many_rows_share_the_weight_reduction():
@@ -108,3 +100,13 @@ def test_shape_errors(w_shape, b_shape, match):
 def test_empty_last_dim_error():
     with pytest.raises(ValueError, match="last dimension"):
         layer_norm(torch.randn(3, 0), None, None)
+
+
+@pytest.mark.parametrize("x, w, match", [
+    (torch.arange(12).reshape(3, 4), None, "x must be floating point, got torch.int64"),
+    (torch.randn(3, 4), torch.ones(4, dtype=torch.int32), "weight must be floating point, got torch.int32"),
+])
+def test_integer_input_error(x, w, match):
+    """Integer tensors are refused (the kernel would return truncated integers)."""
+    with pytest.raises(ValueError, match=match):
+        layer_norm(x, w, None)

@@ -1,36 +1,64 @@
 """A whole model with its Triton kernels switched on (config.use_kernels, attention backend
 "triton", chunked cross-entropy) against the same weights on the plain PyTorch path.
-Under TRITON_INTERPRET=1 on a CPU-only machine; on a GPU the real kernels run."""
+Under TRITON_INTERPRET=1 on a CPU-only machine; on a GPU the real kernels run.
+
+Every kernel the configuration should use is counted, so a silent fall-back to PyTorch fails
+the test; a kernel function that has gone missing raises instead of falling back."""
+import importlib
+
 import pytest
 import torch
 
 import kernels
 from minillm import GPT, preset
-from minillm.fused_ops import fused_op
+from minillm import kernel_dispatch
+from minillm.kernel_dispatch import use_triton
+from minillm.norms import RMSNorm
 
 pytestmark = pytest.mark.skipif(not kernels.HAS_TRITON, reason="Triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernels = pytest.mark.skipif(not (kernels.INTERPRET or torch.cuda.is_available()),
+                                   reason="needs a GPU or TRITON_INTERPRET=1")
 
 
-@pytest.mark.parametrize("variant", [
-    dict(pos_encoding="rope", norm="rmsnorm", activation="swiglu"),
-    dict(pos_encoding="learned", norm="layernorm", activation="gelu_tanh", chunked_ce=True),
+def count_calls(monkeypatch, names):
+    """Wrap kernels.<module>.<function> for each "module.function", counting calls."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        module, fn = name.split(".")
+        mod = importlib.import_module(f"kernels.{module}")
+        real = getattr(mod, fn)
+
+        def counted(*a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(mod, fn, counted)
+    return calls
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant,used", [
+    (dict(pos_encoding="rope", norm="rmsnorm", activation="swiglu"),
+     ["rms_norm.rms_norm", "rotary.apply_rotary", "swiglu.swiglu", "cross_entropy.cross_entropy",
+      "flash_attention.flash_attention"]),
+    (dict(pos_encoding="learned", norm="layernorm", activation="gelu_tanh", chunked_ce=True),
+     ["layer_norm.layer_norm", "gelu.gelu_tanh", "fused_linear_cross_entropy.fused_linear_cross_entropy",
+      "flash_attention.flash_attention"]),
 ])
-def test_gpt_with_kernels_matches_pytorch_path(variant):
-    if not (kernels.INTERPRET or torch.cuda.is_available()):
-        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    probe = torch.zeros(2, 4, device=device)
-    assert fused_op("rms_norm", "rms_norm", probe, enabled=True) is not None  # the kernels do run here
+def test_gpt_with_kernels_matches_pytorch_path(monkeypatch, variant, used):
     torch.manual_seed(0)
     cfg = preset("gpt-cpu", vocab_size=97, n_layer=2, n_head=2, n_embd=32, block_size=32, **variant)
-    plain = GPT(cfg.replace(attention_backend="naive")).to(device)
-    fused = GPT(cfg.replace(attention_backend="triton", use_kernels=True)).to(device)
+    plain = GPT(cfg.replace(attention_backend="naive")).to(DEVICE)
+    fused = GPT(cfg.replace(attention_backend="triton", use_kernels=True)).to(DEVICE)
     fused.load_state_dict(plain.state_dict())
-    idx = torch.randint(0, 97, (2, 19), device=device)
-    tgt = torch.randint(0, 97, (2, 19), device=device)
+    idx = torch.randint(0, 97, (2, 19), device=DEVICE)
+    tgt = torch.randint(0, 97, (2, 19), device=DEVICE)
     tgt[0, :3] = -100
     _, loss_a = plain(idx, tgt)
+    calls = count_calls(monkeypatch, used)
     _, loss_b = fused(idx, tgt)
+    assert all(calls.values()), calls  # every kernel of this configuration ran
     loss_a.backward()
     loss_b.backward()
     assert abs(loss_a.item() - loss_b.item()) < 1e-4
@@ -41,3 +69,28 @@ def test_gpt_with_kernels_matches_pytorch_path(variant):
         la, _ = plain(idx)
         lb, _ = fused(idx)
     torch.testing.assert_close(lb, la, atol=1e-4, rtol=1e-4)
+
+
+@needs_kernels
+def test_use_triton_rule(monkeypatch):
+    x = torch.zeros(2, 4, device=DEVICE)
+    assert use_triton(True, x)  # the kernels do run here
+    assert not use_triton(False, x)
+    if not torch.cuda.is_available():  # without the interpreter a CPU tensor stays on PyTorch
+        monkeypatch.setattr(kernels, "INTERPRET", False)
+        assert not use_triton(True, x)
+    monkeypatch.setattr(kernel_dispatch, "kernels", None)  # the kernels package is not installed
+    assert not use_triton(True, x)
+    assert not kernel_dispatch.triton_available()
+
+
+@needs_kernels
+def test_a_missing_kernel_function_raises_instead_of_falling_back(monkeypatch):
+    import kernels.rms_norm
+
+    norm = RMSNorm(4, use_kernels=True).to(DEVICE)
+    x = torch.randn(2, 4, device=DEVICE)
+    norm(x)
+    monkeypatch.delattr(kernels.rms_norm, "rms_norm")
+    with pytest.raises(ImportError, match="rms_norm"):
+        norm(x)

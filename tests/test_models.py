@@ -8,10 +8,14 @@
   attention.
 - generate(): shape, greedy == step-by-step argmax of full forward passes (also past
   block_size, where it slides a window), top_k=1 == greedy; sample_next's top-k / top-p filters.
+- Classification: one classify() signature for both models; add_classifier keeps a head of the
+  right size and makes a fresh one otherwise; classification_head() names what trains with it.
+- The config's shape fields are exactly the fields that change the weights' names and shapes.
 - Bad input raises ValueError naming the offending thing.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -22,7 +26,10 @@ from hypothesis import strategies as st
 
 import minillm
 from minillm import BERT, GPT, ModelConfig, preset
+from minillm import generate as generate_cli
+from minillm.checkpoint import model_tensors, save_checkpoint
 from minillm.gpt import sample_next
+from minillm.tokenizer import CharTokenizer
 
 POS = ["learned", "sinusoidal", "rope", "alibi"]
 BACKENDS = ["naive", "sdpa"]
@@ -142,6 +149,61 @@ def test_gpt_classifier_reads_last_real_token():
         for i, s in enumerate(seqs):
             torch.testing.assert_close(logits[i], model.classify(s[None])[0][0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(loss, F.cross_entropy(logits, torch.tensor([0, 2])))
+
+
+@pytest.mark.parametrize("kind", ["gpt", "bert"])
+def test_one_classify_signature(kind):
+    model = (tiny_gpt if kind == "gpt" else tiny_bert)(num_labels=3)
+    ids, mask = _pad([torch.randint(1, V, (5,)), torch.randint(1, V, (3,))], 6, torch.zeros(6, dtype=torch.long))
+    types = (torch.arange(6) >= 2).long().expand(2, 6) * mask
+    labels = torch.tensor([2, 0])
+    with torch.no_grad():
+        logits, loss = model.classify(ids, attention_mask=mask, token_type_ids=types, labels=labels)
+        plain, none = model.classify(ids, attention_mask=mask)
+    assert logits.shape == (2, 3) and none is None
+    torch.testing.assert_close(loss, F.cross_entropy(logits, labels))
+    if kind == "gpt":  # a GPT has no segments: token types change nothing
+        assert torch.equal(logits, plain)
+    else:
+        assert not torch.allclose(logits, plain, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "bert"])
+def test_add_classifier_keeps_a_head_of_that_size(kind):
+    model = tiny_gpt() if kind == "gpt" else tiny_bert()
+    name = "score" if kind == "gpt" else "classifier"
+    assert model.classification_head() == []
+    assert model.add_classifier(3) is True
+    head = getattr(model, name)
+    assert model.config.num_labels == 3 and head.weight.shape == (3, 32)
+    assert (head.bias is None) == (kind == "gpt")
+    if head.bias is not None:
+        assert not head.bias.any()
+    assert model.add_classifier(3) is False and getattr(model, name) is head
+    assert model.add_classifier(5) is True and getattr(model, name).weight.shape == (5, 32)
+    assert model.classification_head()[0] is getattr(model, name)
+    logits, _ = model.classify(torch.randint(1, V, (2, 4)))
+    assert logits.shape == (2, 5)
+
+
+def test_add_classifier_pooling_and_the_modules_that_train():
+    gpt = tiny_gpt()
+    gpt.add_classifier(2, pooling="mean")  # a GPT always reads its last token
+    assert gpt.classification_head() == [gpt.score]
+    bert = tiny_bert()
+    bert.add_classifier(2)
+    assert bert.config.classifier_pooling == "cls"
+    assert bert.classification_head() == [bert.classifier, bert.pooler]
+    assert bert.add_classifier(2, pooling="mean") is False  # the head stays, the pooling changes
+    assert bert.config.classifier_pooling == "mean"
+    assert bert.classification_head() == [bert.classifier]
+
+
+def test_a_fresh_head_is_initialised_like_the_model():
+    torch.manual_seed(0)
+    model = GPT(preset("gpt-cpu", n_layer=1, n_embd=256, n_head=4, vocab_size=V))
+    model.add_classifier(64)
+    assert abs(model.score.weight.std().item() - model.config.init_std) < 0.002
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,12 +337,29 @@ def test_generate_from_a_prompt_longer_than_block_size_conditions_on_its_end():
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [(dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
-     (dict(top_k=0), "top_k")],
+    [(dict(temperature=-1.0), "temperature"), (dict(temperature=float("nan")), "temperature"),
+     (dict(temperature=float("inf")), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+     (dict(top_p=float("nan")), "top_p"), (dict(top_k=0), "top_k")],
 )
 def test_generate_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny_gpt().generate(torch.zeros(1, 1, dtype=torch.long), 2, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(2, 0), (0,), (4,)])
+def test_generate_needs_a_batch_of_non_empty_prompts(shape):
+    with pytest.raises(ValueError, match=r"prompt must be \(batch, time\) token ids with at least one token"):
+        tiny_gpt().generate(torch.zeros(shape, dtype=torch.long), 2)
+
+
+def test_generate_cli_refuses_nan_temperature(tmp_path):
+    """python -m minillm.generate --temperature nan: a ValueError, which the CLI prints as one line."""
+    tok = CharTokenizer.train("abc")
+    model = GPT(preset("gpt-cpu", n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=tok.vocab_size))
+    save_checkpoint(str(tmp_path), model, model.config, tok)
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0, got nan"):
+        generate_cli.main(["--ckpt", str(tmp_path), "--prompt", "ab", "--tokens", "3", "--temperature", "nan",
+                           "--device", "cpu"])
 
 
 def _frequencies(logits_row, n=6000, seed=0, **kw):
@@ -348,6 +427,23 @@ def test_gpt_loss_is_next_token_cross_entropy():
     keep = targets != -100
     expected = -logp[keep].gather(1, targets[keep][:, None]).mean()
     assert abs(loss.item() - expected.item()) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["gpt", "bert"])
+def test_chunked_loss_equals_the_plain_loss(kind):
+    """config.chunked_ce changes how the loss is computed (no (N, V) logits), not its value."""
+    plain = tiny_gpt() if kind == "gpt" else tiny_bert()
+    chunked = type(plain)(plain.config.replace(chunked_ce=True)).eval()
+    chunked.load_state_dict(plain.state_dict())
+    idx = torch.randint(1, V, (2, 9), generator=torch.Generator().manual_seed(13))
+    targets = idx.roll(-1, dims=1) if kind == "gpt" else torch.full_like(idx, -100)
+    targets[:, -1] = -100
+    targets[1, 3] = idx[1, 3]
+    with torch.no_grad():
+        logits, a = plain(idx, targets)
+        none, b = chunked(idx, targets)
+    assert none is None and (logits is None) == (kind == "bert")
+    assert abs(a.item() - b.item()) < 1e-5
 
 
 def test_bert_mlm_loss_on_masked_positions_only():
@@ -466,6 +562,66 @@ def test_wrong_architecture_and_missing_heads():
         tiny_gpt().classify(torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="no classification head"):
         tiny_bert().classify(torch.zeros(1, 3, dtype=torch.long))
+
+
+# every field with another valid value, starting from BASE_SHAPE
+BASE_SHAPE = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16, vocab_size=V)
+OTHER_VALUE = dict(
+    arch="bert", vocab_size=V + 1, n_layer=3, n_head=8, n_kv_head=4, n_embd=64, n_inner=48, block_size=20,
+    pos_encoding="rope", rope_base=500.0, norm="rmsnorm", norm_eps=1e-6, norm_position="post", activation="swiglu",
+    bias=False, dropout=0.1, attn_dropout=0.1, tie_embeddings=False, attn_scale=1.0, attn_scale_by_layer=True,
+    attention_backend="naive", use_kernels=True, chunked_ce=True, type_vocab_size=3, pad_token_id=1,
+    num_labels=2, classifier_pooling="mean", init_std=0.05,
+)
+
+
+def weight_shapes(config):
+    """What a checkpoint of the model holds: names and shapes, tied weights once."""
+    return {k: tuple(v.shape) for k, v in model_tensors(minillm.build_model(config)).items()}
+
+
+def test_shape_fields_are_the_fields_that_change_the_weights():
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert set(OTHER_VALUE) == fields  # the table below covers every field
+    assert set(ModelConfig.shape_fields) <= fields and set(ModelConfig.runtime_fields) <= fields
+    assert not set(ModelConfig.shape_fields) & set(ModelConfig.runtime_fields)
+    for arch in ("gpt", "bert"):
+        base = ModelConfig(arch=arch, **BASE_SHAPE)
+        for name, value in OTHER_VALUE.items():
+            if name == "arch" or name == "type_vocab_size" and arch == "gpt":  # GPT has no token types
+                continue
+            other = base.replace(**{name: value})
+            changed = weight_shapes(other) != weight_shapes(base)
+            assert changed == (name in ModelConfig.shape_fields), (arch, name)
+            assert (other.shape() != base.shape()) == changed, (arch, name)
+
+
+def test_config_shape_fills_in_defaults_and_describe():
+    a = preset("gpt-cpu", n_kv_head=None, n_inner=None)
+    b = preset("gpt-cpu", n_kv_head=a.n_head, n_inner=4 * a.n_embd)
+    assert a.shape() == b.shape() and a != b
+    assert a.describe() == "gpt 4x128, 4 heads, vocab 256, context 128"
+    assert "type_vocab_size" in preset("bert-cpu").shape() and "type_vocab_size" not in a.shape()
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf"), "1", True])
+def test_attn_scale_must_be_a_positive_number(value):
+    with pytest.raises(ValueError, match="config.attn_scale must be a positive number"):
+        preset("gpt-cpu", attn_scale=value)
+
+
+def test_attn_scale_multiplies_the_scores():
+    """attn_scale=1/sqrt(head_dim) is the default; attn_scale_by_layer divides block i's by i + 1."""
+    model = tiny_gpt()
+    idx = torch.randint(0, V, (2, 8), generator=torch.Generator().manual_seed(14))
+    explicit = GPT(model.config.replace(attn_scale=model.config.head_dim**-0.5)).eval()
+    explicit.load_state_dict(model.state_dict())
+    by_layer = GPT(model.config.replace(attn_scale_by_layer=True)).eval()
+    by_layer.load_state_dict(model.state_dict())
+    assert [b.attn.scale for b in by_layer.blocks] == [8**-0.5, 8**-0.5 / 2]
+    with torch.no_grad():
+        torch.testing.assert_close(explicit(idx)[0], model(idx)[0], atol=1e-6, rtol=0)
+        assert not torch.allclose(by_layer(idx)[0], model(idx)[0], atol=1e-3)
 
 
 def test_build_model_picks_the_architecture():

@@ -1,6 +1,11 @@
 """Non-finite losses and gradients: the step is skipped (the weights and the optimizer state do
 not move), `max_skips` bounds the skipping, and past it the run stops with a message naming the
-step while the last good checkpoint stays on disk."""
+step while the last good checkpoint stays on disk. Non-finite weights are never saved, a
+non-finite validation loss fails the run, and absurd settings are refused before any step.
+
+Faults are injected into GPT.forward of train.py's own loop (train.main in this process), at
+chosen steps (1-based, as in metrics.jsonl): "nan", "inf" or "-inf" losses, or "grad" (a finite
+loss whose gradients are infinite)."""
 import json
 import math
 import os
@@ -13,163 +18,215 @@ import torch
 from minillm import build_model
 from minillm.checkpoint import find_checkpoint, read_tensors
 from minillm.config import ModelConfig
-from minillm.training import Trainer, TrainingStopped, TrainSettings
+from minillm.gpt import GPT
+from minillm.training import TrainingStopped, TrainSettings, TrainState, save_training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train  # noqa: E402
 
 
-def tiny():
-    torch.manual_seed(0)
-    return build_model(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=8))
+REAL_FORWARD = GPT.forward
+
+
+class InfiniteGrad(torch.autograd.Function):
+    """Identity forward; infinite gradients backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * math.inf
 
 
 class Faults:
-    """loss_fn and get_batch for a Trainer, with a fault at chosen steps (1-based, as in
-    metrics.jsonl): "nan", "inf" or "-inf" losses, or "grad" (a finite loss whose gradients are inf)."""
+    """Wraps GPT.forward: in training mode, the last micro-batch of a faulty step gets its fault;
+    `eval_fault` spoils evaluation losses."""
 
-    def __init__(self, model, faults: dict, grad_accum: int = 1):
-        self.faults, self.grad_accum, self.calls = faults, grad_accum, 0
-        self.gen = torch.Generator().manual_seed(0)
-        # a gradient hook that turns the gradients of one weight infinite when armed
-        self.armed = False
-        model.tok_emb.weight.register_hook(lambda g: g * math.inf if self.armed else g)
+    def __init__(self, monkeypatch, faults: dict, grad_accum: int = 1, eval_fault=None):
+        self.faults, self.grad_accum, self.calls, self.eval_fault = faults, grad_accum, 0, eval_fault
+        real = REAL_FORWARD
 
-    def get_batch(self):
-        x = torch.randint(0, 64, (4, 8), generator=self.gen)
-        return x, torch.roll(x, -1, dims=1)
+        def forward(model, idx, targets=None, **kw):
+            logits, loss = real(model, idx, targets, **kw)
+            if targets is None:
+                return logits, loss
+            if not model.training:
+                return logits, loss * float(self.eval_fault) if self.eval_fault else loss
+            step, micro = self.calls // self.grad_accum + 1, self.calls % self.grad_accum
+            self.calls += 1
+            fault = self.faults.get(step) if micro == self.grad_accum - 1 else None
+            if fault == "grad":
+                return logits, InfiniteGrad.apply(loss)
+            if fault in ("nan", "inf"):
+                return logits, loss * float(fault)
+            return logits, loss - math.inf if fault == "-inf" else loss
 
-    def loss_fn(self, model, batch):
-        step = self.calls // self.grad_accum + 1
-        micro = self.calls % self.grad_accum
-        self.calls += 1
-        _, loss = model(*batch)
-        fault = self.faults.get(step) if micro == self.grad_accum - 1 else None  # the last micro-batch only
-        self.armed = fault == "grad"
-        if fault in ("nan", "inf", "-inf"):
-            loss = loss * float(fault) if fault != "-inf" else loss - math.inf
-        return loss, batch[0].numel()
-
-
-def make_trainer(tmp_path, model, faults, log=None, **kw):
-    f = Faults(model, faults, kw.get("grad_accum", 1))
-    settings = TrainSettings(**{**dict(lr=1e-2, warmup_steps=0, max_steps=8, eval_interval=0, log_interval=1,
-                                       ckpt_interval=1, progress=False, max_skips=2), **kw})
-    os.makedirs(tmp_path / "out", exist_ok=True)
-    return Trainer(model, settings, str(tmp_path / "out"), get_batch=f.get_batch, loss_fn=f.loss_fn,
-                   log=log or (lambda *a, **k: None))
+        monkeypatch.setattr(GPT, "forward", forward)
 
 
-def snapshot(trainer):
-    params = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-    opt = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
-           for st in trainer.optimizer.state.values()]
-    return params, opt
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINILLM_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "c.txt"
+    path.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(400)))
+    return str(path)
 
 
-def same(a, b):
-    pa, oa = a
-    pb, ob = b
-    return all(torch.equal(pa[k], pb[k]) for k in pa) and len(oa) == len(ob) and all(
-        all(torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor) else x[k] == y[k] for k in x)
-        for x, y in zip(oa, ob))
+def run(corpus, out, *extra):
+    args = ["--data", corpus, "--out", str(out), "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+            "--block-size", "16", "--batch-size", "2", "--eval-iters", "1", "--no-progress", "--sample-tokens", "0",
+            "--warmup-steps", "0", "--lr", "1e-2", "--max-steps", "8", "--eval-interval", "0", "--log-interval", "1",
+            "--ckpt-interval", "1", "--max-skips", "2", *map(str, extra)]
+    return train.main(args)
+
+
+def saved(out):
+    ckpt = find_checkpoint(str(out))
+    state = json.load(open(os.path.join(ckpt, "trainer_state.json")))
+    return read_tensors(os.path.join(ckpt, "model.safetensors")), read_tensors(os.path.join(ckpt, "optimizer.safetensors")), state
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("fault", ["nan", "inf", "-inf", "grad"])
 @pytest.mark.parametrize("grad_accum", [1, 2])
-def test_non_finite_step_is_skipped(tmp_path, fault, grad_accum):
-    """A fault at step 3: steps 1, 2 and 4 move the weights, step 3 leaves weights and optimizer
+def test_non_finite_step_is_skipped(tmp_path, corpus, monkeypatch, capsys, fault, grad_accum):
+    """A fault at step 3: steps 2 and 4 move the weights, step 3 leaves weights and optimizer
     state exactly as they were, and is counted and reported by its number."""
-    messages = []
-    trainer = make_trainer(tmp_path, tiny(), {3: fault}, log=messages.append, grad_accum=grad_accum)
-    states = [snapshot(trainer)]
-    for _ in range(4):
-        loss, _ = trainer.train_step()
-        trainer.step += 1
-        states.append(snapshot(trainer))
-        assert math.isfinite(loss) == (trainer.step != 3 or fault == "grad")
-    assert not same(states[1], states[2]) and not same(states[3], states[4])
-    assert same(states[2], states[3]), "a skipped step changed the weights or the optimizer state"
-    assert trainer.skips == 1
-    assert len(messages) == 1 and messages[0].startswith("step 3: non-finite")
-    assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values())
+    after = {}
+    for stop in (2, 3, 4):
+        Faults(monkeypatch, {3: fault}, grad_accum)
+        assert run(corpus, tmp_path / f"s{stop}", "--stop-at-step", stop, "--grad-accum", grad_accum) == 0
+        after[stop] = saved(tmp_path / f"s{stop}")
+    (w2, o2, _), (w3, o3, st3), (w4, o4, st4) = after[2], after[3], after[4]
+    assert same(w2, w3) and same(o2, o3), "a skipped step changed the weights or the optimizer state"
+    assert not same(w3, w4) and not same(o3, o4)
+    assert st3["skips"] == st4["skips"] == 1 and st3["step"] == 3
+    skipped = [line for line in capsys.readouterr().out.splitlines() if "non-finite" in line]
+    assert len(skipped) == 2 and all(line.startswith("step 3: non-finite") for line in skipped)
+    assert all(torch.isfinite(v).all() for v in w4.values())
 
 
-def test_max_skips_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_max_skips_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, corpus, monkeypatch):
     """Steps 4 onwards diverge; max_skips=2: steps 4 and 5 are skipped (and checkpointed: the
     weights are those after step 3), step 6 stops the run with a message naming it."""
-    model = tiny()
-    trainer = make_trainer(tmp_path, model, {s: "nan" for s in range(4, 20)}, max_skips=2)
-    after_3 = {}
-    real_step = trainer.train_step
-
-    def step_and_remember():
-        out = real_step()
-        if trainer.step == 2:  # step 3 just ran (trainer.step is incremented after)
-            after_3.update({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return out
-
-    trainer.train_step = step_and_remember
-    with pytest.raises(TrainingStopped, match=r"stopped at step 6: 3 non-finite steps exceed --max-skips 2") as info:
-        trainer.fit()
-    assert "\n" not in str(info.value) and str(tmp_path / "out") in str(info.value)
-    out = str(tmp_path / "out")
-    ckpt = find_checkpoint(out)
-    assert ckpt == os.path.join(out, "checkpoint")
+    Faults(monkeypatch, {})
+    run(corpus, tmp_path / "good", "--stop-at-step", 3)
+    after_3 = saved(tmp_path / "good")[0]
+    Faults(monkeypatch, {s: "nan" for s in range(4, 20)})
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"stopped at step 6: 3 non-finite steps exceed --max-skips 2") as info:
+        run(corpus, out)
+    assert "\n" not in str(info.value) and str(out) in str(info.value)
+    assert find_checkpoint(str(out)) == os.path.join(str(out), "checkpoint")
     assert not [n for n in os.listdir(out) if n.startswith(".checkpoint.tmp-")]
-    state = json.load(open(os.path.join(ckpt, "trainer_state.json")))
+    weights, _, state = saved(out)
     assert (state["step"], state["skips"]) == (5, 2)
-    saved = read_tensors(os.path.join(ckpt, "model.safetensors"))
-    assert all(torch.equal(saved[k], after_3[k]) for k in saved)
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert same(weights, after_3)
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert [math.isfinite(r["train_loss"]) for r in rows] == [True, True, True, False, False]
 
 
-def test_skips_below_the_bound_let_the_run_finish(tmp_path):
-    trainer = make_trainer(tmp_path, tiny(), {2: "nan", 5: "grad"}, max_skips=2, max_steps=6)
-    summary = trainer.fit()
+def test_skips_below_the_bound_let_the_run_finish(tmp_path, corpus, monkeypatch):
+    Faults(monkeypatch, {2: "nan", 5: "grad"})
+    assert run(corpus, tmp_path / "out", "--max-steps", 6) == 0
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
     assert summary["steps"] == 6 and summary["skipped_steps"] == 2
 
 
-def test_max_skips_zero_stops_at_the_first(tmp_path):
-    trainer = make_trainer(tmp_path, tiny(), {2: "inf"}, max_skips=0)
-    with pytest.raises(TrainingStopped, match="stopped at step 2"):
-        trainer.fit()
+def test_max_skips_zero_stops_at_the_first(tmp_path, corpus, monkeypatch):
+    Faults(monkeypatch, {2: "inf"})
+    with pytest.raises(ValueError, match="stopped at step 2"):
+        run(corpus, tmp_path / "out", "--max-skips", 0)
 
 
-def test_skip_count_survives_a_resume(tmp_path):
+def test_skip_count_survives_a_resume(tmp_path, corpus, monkeypatch):
     """The count is part of the checkpoint: a resumed run cannot skip max_skips more."""
-    trainer = make_trainer(tmp_path, tiny(), {2: "nan", 3: "nan"}, max_skips=2, stop_at_step=4)
-    trainer.fit()
-    again = make_trainer(tmp_path, tiny(), {5: "nan"}, max_skips=2)
-    assert again.resume() and again.step == 4 and again.skips == 2
-    again.loss_fn.__self__.calls = 4  # the fault schedule continues at step 5
-    with pytest.raises(TrainingStopped, match="stopped at step 5"):
-        again.fit()
+    Faults(monkeypatch, {2: "nan", 3: "nan"})
+    assert run(corpus, tmp_path / "out", "--stop-at-step", 4) == 0
+    faults = Faults(monkeypatch, {5: "nan"})
+    faults.calls = 4  # the fault schedule continues at step 5
+    with pytest.raises(ValueError, match="stopped at step 5"):
+        train.main(["--out", str(tmp_path / "out"), "--resume", "--no-progress"])
 
 
-@pytest.mark.parametrize("lr", [math.inf, math.nan, 0.0])
-def test_non_finite_learning_rate_is_refused(lr):
-    with pytest.raises(ValueError, match="--lr"):
-        TrainSettings(lr=lr).validate()
+def test_non_finite_validation_loss_fails_the_run(tmp_path, corpus, monkeypatch):
+    Faults(monkeypatch, {}, eval_fault="nan")
+    with pytest.raises(ValueError, match="non-finite validation loss"):
+        run(corpus, tmp_path / "out", "--max-steps", 2)
 
 
-def test_cli_diverging_run_stops_with_one_line(tmp_path):
-    """train.py with a learning rate of 1e30: the first step blows the weights up, the next ones
-    are non-finite and skipped (--max-skips 3), the fourth skip stops the run: exit code 2, one
-    line naming the step; the checkpoint left holds finite weights."""
-    text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(400))
-    (tmp_path / "c.txt").write_text(text)
+def test_non_finite_weights_are_never_saved(tmp_path):
+    """A save of weights that are no longer finite stops the run and leaves the last good checkpoint."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=8))
+    s = TrainSettings()
+
+    class NoData:
+        def state(self):
+            return {}
+
+    def save():
+        return save_training(str(tmp_path), model, torch.optim.AdamW(model.parameters()), torch.amp.GradScaler("cpu", enabled=False),
+                             TrainState(step=3), s, NoData(), config=model.config, tokenizer=None, extra={})
+
+    good = save()
+    before = read_tensors(os.path.join(good, "model.safetensors"))
+    with torch.no_grad():
+        model.blocks[0].mlp.fc.weight[0, 0] = math.inf
+    with pytest.raises(TrainingStopped, match="no longer finite"):
+        save()
+    assert same(read_tensors(os.path.join(good, "model.safetensors")), before)
+
+
+@pytest.mark.parametrize("field,value", [("lr", math.inf), ("lr", math.nan), ("lr", 0.0), ("lr", 1e30),
+                                         ("weight_decay", math.nan), ("beta2", 1.5), ("beta1", -0.1),
+                                         ("grad_clip", -1.0), ("min_lr_ratio", 2.0)])
+def test_absurd_settings_are_refused(field, value):
+    with pytest.raises(ValueError, match="--" + field.replace("_", "-")):
+        TrainSettings(**{field: value}).validate()
+
+
+WRAPPER = """
+import math, runpy, sys
+from minillm.gpt import GPT
+real = GPT.forward
+calls = [0]
+def forward(model, idx, targets=None, **kw):
+    logits, loss = real(model, idx, targets, **kw)
+    if targets is not None and model.training:
+        calls[0] += 1
+        if calls[0] >= 2:
+            loss = loss * math.nan
+    return logits, loss
+GPT.forward = forward
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_cli_diverging_run_stops_with_one_line(tmp_path, corpus):
+    """train.py whose losses turn non-finite from step 2: steps 2-5 are skipped (--max-skips 3),
+    the fourth skip stops the run: exit code 2, one line naming the step; the checkpoint left
+    holds finite weights. Absurd hyperparameters are refused before any step, also in one line."""
+    wrapper = tmp_path / "diverge.py"
+    wrapper.write_text(WRAPPER)
     env = {**os.environ, "MINILLM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("TRITON_INTERPRET", None)
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train.py"), "--data", str(tmp_path / "c.txt"), "--out", str(out),
-         "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "2",
-         "--eval-iters", "1", "--no-progress", "--sample-tokens", "0", "--warmup-steps", "0", "--max-steps", "20",
-         "--eval-interval", "0", "--ckpt-interval", "1", "--log-interval", "1", "--lr", "1e30", "--max-skips", "3"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    common = [os.path.join(ROOT, "train.py"), "--data", corpus, "--out", str(out), "--n-layer", "1", "--n-head", "2",
+              "--n-embd", "16", "--block-size", "16", "--batch-size", "2", "--eval-iters", "1", "--no-progress",
+              "--sample-tokens", "0", "--warmup-steps", "0", "--max-steps", "20", "--eval-interval", "0",
+              "--ckpt-interval", "1", "--log-interval", "1", "--max-skips", "3"]
+    proc = subprocess.run([sys.executable, str(wrapper), *common], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -180,3 +237,8 @@ def test_cli_diverging_run_stops_with_one_line(tmp_path):
     assert (state["step"], state["skips"]) == (4, 3)
     weights = read_tensors(str(out / "checkpoint" / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
+    for flag, value in (("--lr", "1e30"), ("--weight-decay", "nan"), ("--beta2", "1.5"), ("--grad-clip", "-1")):
+        proc = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "r2"), flag, value], capture_output=True,
+                              text=True, env=env, cwd=tmp_path, timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (flag, proc.stderr)
+        assert flag in proc.stderr.strip().splitlines()[-1] and not (tmp_path / "r2" / "checkpoint").exists()

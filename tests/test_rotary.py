@@ -1,10 +1,12 @@
-"""Rotary embedding kernel against the reference (interpreter on CPU-only machines).
+"""Rotary embedding kernel against the Hugging Face Llama formulation written out here
+(interpreter on CPU-only machines).
 
-Tolerances (q_rot, k_rot and both gradients): ours against the reference in float64 must be
-within twice the error of the same rotation done by PyTorch in the inputs' dtype (cos/sin
-cast to it, as Hugging Face's Llama does) plus atol + rtol * max|reference|, with
-(atol, rtol) = (1e-6, 1e-6) for float32, (1e-3, 1e-3) for float16 and (1e-2, 8e-3) for
-bfloat16 (about one unit in the last place: the interpreter truncates float32 -> bf16).
+Tolerances (q_rot, k_rot and both gradients): FlashAttention's rule (tests/kernel_check.py):
+ours against that formulation in float64 must be within twice the error of the same rotation
+done by PyTorch in the inputs' dtype (cos/sin cast to it, as Hugging Face's Llama does) plus
+atol + rtol * max|reference|, with (atol, rtol) = (1e-6, 1e-6) for float32, (1e-3, 1e-3) for
+float16 and (1e-2, 8e-3) for bfloat16 (about one unit in the last place: the interpreter
+truncates float32 -> bf16).
 """
 import pytest
 import torch
@@ -13,9 +15,9 @@ from hypothesis import strategies as st
 
 import kernels.rotary as rotary
 from kernels.rotary import apply_rotary, apply_rotary_reference
+from kernel_check import DTYPES, TOL, check_op, on_device
 
-TOL = {torch.float32: (1e-6, 1e-6), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-2, 8e-3)}
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ROTARY_TOL = {**TOL, torch.float32: (1e-6, 1e-6)}  # float32: tighter than the shared table
 
 
 def tables(t, d, offset=0, base=10000.0):
@@ -34,26 +36,14 @@ def rotate_in_dtype(q, k, cos, sin):
     return rot(q), rot(k)
 
 
-def run(fn, q, k, cos, sin, dq, dk):
-    q, k = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
-    qo, ko = fn(q, k, cos, sin)
-    ((qo.double() * dq.double()).sum() + (ko.double() * dk.double()).sum()).backward()
-    return qo, ko, q.grad, k.grad
-
-
-def check(q, k, cos, sin):
-    dtype = q.dtype
-    dq, dk = torch.randn(q.shape), torch.randn(k.shape)
-    ours = run(apply_rotary, q, k, cos, sin, dq, dk)
-    ref = run(apply_rotary_reference, q.double(), k.double(), cos.double(), sin.double(), dq, dk)
-    lowp = run(rotate_in_dtype, q, k, cos, sin, dq, dk)
-    atol, rtol = TOL[dtype]
-    for name, o, r, lp in zip(("q_rot", "k_rot", "dq", "dk"), ours, ref, lowp):
-        assert o.dtype == dtype and o.shape == r.shape, name
-        err = (o.double() - r).abs().max().item()
-        torch_err = (lp.double() - r).abs().max().item()
-        bound = 2 * torch_err + atol + rtol * r.abs().max().item()
-        assert err <= bound, f"{name} ({dtype}): error {err:.3g} > bound {bound:.3g}"
+def check(q, k, cos, sin, dq=None, dk=None):
+    """Ours against the HF formulation, on q, k, the tables and the upstream dq, dk as laid out."""
+    dq = torch.randn(q.shape) if dq is None else dq
+    dk = torch.randn(k.shape) if dk is None else dk
+    cos, sin = on_device(cos), on_device(sin)
+    check_op(lambda a, b: apply_rotary(a, b, cos, sin), lambda a, b: rotate_in_dtype(a, b, cos, sin),
+             [q, k], [dq, dk], names=("q_rot", "k_rot", "q", "k"), tol=ROTARY_TOL,
+             kernels=(rotary._rotary_kernel,))
 
 
 @given(
@@ -84,6 +74,26 @@ def test_many_heads_span_several_head_blocks():
     check(q, k, *tables(3, 128))
 
 
+def test_non_contiguous_tables_inputs_and_upstream_gradients():
+    """cos/sin as strided views of a wider table, q broadcast over heads by expand() (head
+    stride 0), and upstream gradients broadcast over batch and positions or transposed."""
+    torch.manual_seed(2)
+    cos, sin = tables(5, 32)
+    q, k = torch.randn(2, 1, 5, 16).expand(2, 3, 5, 16), torch.randn(2, 1, 5, 16)
+    check(q, k, cos[:, ::2], sin[:, 1::2], dq=torch.randn(3, 1, 16).expand(2, 3, 5, 16),
+          dk=torch.randn(2, 1, 16, 5).transpose(-1, -2))
+    check(q.half(), k.half(), cos[:, :8], sin[:, :8], dq=torch.randn(2, 3, 16, 5).transpose(-1, -2))
+
+
+def test_reference_matches_hf_formulation():
+    """The CPU fallback computes the same rotation."""
+    torch.manual_seed(3)
+    q, k = torch.randn(2, 3, 5, 16), torch.randn(2, 1, 5, 16)
+    cos, sin = tables(5, 16)
+    for got, want in zip(apply_rotary_reference(q, k, cos, sin), rotate_in_dtype(q, k, cos, sin)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
 def test_backward_is_rotation_by_minus_angle():
     torch.manual_seed(1)
     q, k = torch.randn(2, 3, 5, 16), torch.randn(2, 1, 5, 16)
@@ -112,3 +122,13 @@ def test_shape_errors(q_shape, k_shape, t, d, match):
     cos = torch.ones(t, d // 2)
     with pytest.raises(ValueError, match=match):
         apply_rotary(torch.randn(q_shape), torch.randn(k_shape), cos, cos)
+
+
+@pytest.mark.parametrize("which", ["q", "cos"])
+def test_integer_input_error(which):
+    """Integer tensors are refused (the kernel would return truncated integers)."""
+    args = {"q": torch.randn(1, 2, 3, 8), "k": torch.randn(1, 2, 3, 8),
+            "cos": torch.ones(3, 4), "sin": torch.ones(3, 4)}
+    args[which] = args[which].long()
+    with pytest.raises(ValueError, match=f"{which} must be floating point, got torch.int64"):
+        apply_rotary(**args)

@@ -1,10 +1,10 @@
 """SwiGLU kernels against F.silu(gate) * up (interpreter on CPU-only machines).
 
-Tolerances (output, dgate, dup): ours against F.silu(gate) * up in float64 must be within twice the
-error of torch's own F.silu(gate) * up (and its backward) in the same dtype plus
-atol + rtol * max|ref|, with (atol, rtol) = (1e-5, 1e-6) for float32, (1e-3, 1e-3) for
-float16 and (1e-2, 8e-3) for bfloat16 (about one unit in the last place: the interpreter
-truncates float32 -> bf16 where a GPU rounds).
+Tolerances (output, dgate, dup): FlashAttention's rule (tests/kernel_check.py): ours against
+F.silu(gate) * up in float64 must be within twice the error of torch's own F.silu(gate) * up
+(and its backward) in the same dtype plus atol + rtol * max|ref|, with (atol, rtol) =
+(1e-5, 1e-6) for float32, (1e-3, 1e-3) for float16 and (1e-2, 8e-3) for bfloat16 (about one
+unit in the last place: the interpreter truncates float32 -> bf16 where a GPU rounds).
 """
 import warnings
 
@@ -16,32 +16,19 @@ from hypothesis import strategies as st
 
 import kernels.swiglu as swiglu_mod
 from kernels.swiglu import swiglu, swiglu_reference
+from kernel_check import DTYPES, TOL, check_op
 
-TOL = {torch.float32: (1e-5, 1e-6), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-2, 8e-3)}
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def run(fn, gate, up, dy):
-    g, u = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
-    y = fn(g, u)
-    y.backward(dy.to(y.dtype))
-    return y, g.grad, u.grad
+SWIGLU_TOL = {**TOL, torch.float32: (1e-5, 1e-6)}  # float32: a tighter rtol than the shared table
+KERNELS = (swiglu_mod._swiglu_fwd_kernel, swiglu_mod._swiglu_bwd_kernel)
 
 
-def check(gate, up):
-    dtype = gate.dtype
-    dy = torch.randn(gate.shape)
+def check(gate, up, dy=None):
+    """Ours against F.silu(gate) * up, on gate, up and the upstream dy as laid out."""
+    dy = torch.randn(gate.shape) if dy is None else dy
     with warnings.catch_warnings():  # numpy's exp overflows to inf for very negative gates: harmless
         warnings.simplefilter("ignore", RuntimeWarning)
-        ours = run(swiglu, gate, up, dy)
-    ref = run(lambda g, u: F.silu(g) * u, gate.double(), up.double(), dy)
-    lowp = run(lambda g, u: F.silu(g) * u, gate, up, dy)
-    atol, rtol = TOL[dtype]
-    for name, o, r, lp in zip(("y", "dgate", "dup"), ours, ref, lowp):
-        assert o.dtype == dtype and o.shape == gate.shape, name
-        err = (o.double() - r).abs().max().item()
-        bound = 2 * (lp.double() - r).abs().max().item() + atol + rtol * r.abs().max().item()
-        assert err <= bound, f"{name} ({dtype}): error {err:.3g} > bound {bound:.3g}"
+        check_op(swiglu, lambda g, u: F.silu(g) * u, [gate, up], dy, names=("y", "gate", "up"), tol=SWIGLU_TOL,
+                 kernels=KERNELS)
 
 
 @given(
@@ -66,6 +53,16 @@ def test_matches_reference(rows, n, dtype, scale, fused_projection, seed):
 def test_leading_dims():
     torch.manual_seed(0)
     check(torch.randn(2, 3, 70), torch.randn(2, 3, 70))
+
+
+def test_non_contiguous_inputs_and_upstream_gradient():
+    """The upstream gradient broadcast over the rows by expand() (row stride 0) or transposed;
+    gate and up broadcast over the rows, or with a strided last dimension (copied)."""
+    torch.manual_seed(0)
+    gate, up = torch.randn(2, 5, 70).unbind(0)
+    check(gate, up, dy=torch.randn(70).expand(5, 70))
+    check(gate.half(), up.half(), dy=torch.randn(70, 5).t())
+    check(torch.randn(70).expand(5, 70), torch.randn(5, 140)[:, ::2])
 
 
 def test_fallback_without_triton(monkeypatch):

@@ -196,7 +196,7 @@ def test_out_with_other_shape_is_refused_and_untouched(tmp_path, corpus):
     _expect_error(proc, "another shape")
     proc = run_train(["--data", corpus, "--out", str(out), "--max-steps", "4", *TINY, "--resume",
                       "--block-size", "64"], tmp_path, check=False)
-    _expect_error(proc, "--block-size 64", "32 positions")
+    _expect_error(proc, "--block-size 64 (checkpoint: 32)", "--max-steps 4 (checkpoint: 2)")
     after = {p: hashlib.sha256((out / p).read_bytes()).hexdigest() for p in before}
     assert before == after
     _expect_error(run_train(["--data", corpus, "--out", str(tmp_path / "none"), "--resume", *TINY], tmp_path,

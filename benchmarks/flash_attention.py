@@ -1,8 +1,8 @@
 """Attention speed: naive vs PyTorch SDPA vs our Triton flash attention.
 
-    python -m benchmarks.attention                               # the full sweep
-    python -m benchmarks.attention --seq-lens 1024 4096 --head-dims 128 --causal true
-    python -m benchmarks.attention --json attn.json --plot attn.png
+    python -m benchmarks.flash_attention                               # the full sweep
+    python -m benchmarks.flash_attention --seq-lens 1024 4096 --head-dims 128 --causal true
+    python -m benchmarks.flash_attention --json attn.json --plot attn.png
 
 For each backend, sequence length, head dim and causal flag it times the forward pass and the
 forward + backward pass (median over --reps runs) and converts to TFLOP/s:
@@ -176,7 +176,7 @@ def plot(rows, path: str, title: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.attention",
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.flash_attention",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq-lens", type=int, nargs="+",
                         help="sequence lengths (default 128..16384 on CUDA, 128..2048 on CPU)")

@@ -1,0 +1,104 @@
+"""Where a run executes: the device and the processes (DDP), precision, seeding, and MFU.
+
+Under torchrun every process calls `setup_distributed()`; rank 0 writes the files. The
+helpers at the end keep every decision that changes a loop's control flow identical on every
+rank (a rank that stops alone leaves the others waiting in a collective).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Under torchrun: gloo on CPU, nccl on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, world: int) -> nn.Module:
+    """The model the loop calls: DDP-wrapped when there are several processes."""
+    if world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def grad_sync(model: nn.Module, sync: bool):
+    """DDP averages gradients on the last micro-batch of a step only (no_sync before it)."""
+    if sync or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Summed over the processes, in place (a no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def finish_distributed(world: int) -> None:
+    if world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast(device: torch.device, dtype: str):
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def measure_matmul_peak(device: torch.device, dtype: str, n: int = 1024, reps: int = 10) -> float:
+    """FLOP/s of an n x n matmul in this dtype on this device: the denominator of MFU."""
+    dt = DTYPES[dtype]
+    g = torch.Generator().manual_seed(0)  # leaves the global RNG (dropout, init) untouched
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dt)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dt)
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / sorted(times)[len(times) // 2]
+
+
+def flops_per_token(model: nn.Module, block_size: int) -> float:
+    """6N for the weights (forward + backward) plus the attention matmuls (Kaplan et al.; PaLM)."""
+    c = model.config
+    n = sum(p.numel() for p in model.parameters())
+    n -= model.tok_emb.weight.numel()  # the embedding lookup is not a matmul
+    if c.tie_embeddings:
+        n += model.tok_emb.weight.numel()  # ... but the tied LM head is
+    return 6 * n + 12 * c.n_layer * c.n_embd * block_size

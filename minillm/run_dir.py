@@ -1,0 +1,147 @@
+"""The run folder: what a training run writes beside its checkpoint.
+
+    <out>/
+        checkpoint/      weights, optimizer, trainer state (checkpoint.py)
+        metrics.jsonl    one JSON row per logged step (train loss, lr, throughput, evals)
+        summary.json     the final numbers
+        loss.png         train and validation loss against steps
+
+Only rank 0 writes. A resumed run keeps the rows up to its checkpoint's step and drops the rest
+(steps trained after that checkpoint are trained again); a fresh run clears an earlier run's
+files. Every rewrite is atomic: a crash leaves the old file or the new one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from .checkpoint import find_checkpoint, read_config
+
+
+def write_json_atomic(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def existing_run(out: str, resume: bool) -> Optional[dict]:
+    """The saved config of the checkpoint in `out` (its path under "path"), or None.
+    --resume without one is an error."""
+    ckpt = find_checkpoint(out) if os.path.isdir(out) else None
+    if ckpt is None:
+        if resume:
+            raise ValueError(f"--resume: {out} holds no checkpoint to continue")
+        return None
+    return {**read_config(ckpt), "path": ckpt}
+
+
+def refuse_clash(out: str, given: dict, saved: dict) -> None:
+    """--resume continues a run as it began: a flag that contradicts the checkpoint is refused.
+    given: {flag: value} the user passed; saved: {flag: value} the checkpoint holds."""
+    clash = [f"--{k.replace('_', '-')} {v} (checkpoint: {saved.get(k)})" for k, v in given.items()
+             if k in saved and saved[k] != v]
+    if clash:
+        raise ValueError(f"--resume: flags disagree with the checkpoint in {out}: {', '.join(clash)}")
+
+
+class RunDir:
+    """metrics.jsonl, summary.json and loss.png of one run; `history` holds the rows."""
+
+    FILES = ("metrics.jsonl", "summary.json", "loss.png")
+
+    def __init__(self, path: str, is_main: bool = True):
+        self.path, self.is_main = path, is_main
+        self.history: list[dict] = []
+        if is_main:
+            os.makedirs(path, exist_ok=True)
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def start(self, resumed_step: Optional[int]) -> None:
+        """A resumed run keeps the rows up to its step; a fresh one removes an earlier run's files."""
+        if not self.is_main:
+            return
+        if resumed_step is None:
+            for name in self.FILES:
+                if os.path.exists(self.file(name)):
+                    os.remove(self.file(name))
+            return
+        self.history = [r for r in self._read_rows() if r["step"] <= resumed_step]
+        self._rewrite()
+
+    def _read_rows(self) -> list[dict]:
+        rows = []
+        if not os.path.exists(self.file("metrics.jsonl")):
+            return rows
+        with open(self.file("metrics.jsonl"), encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                    if isinstance(row, dict) and isinstance(row.get("step"), int):
+                        rows.append(row)
+                except json.JSONDecodeError:
+                    pass  # a line cut short by a crash
+        return rows
+
+    def log(self, row: dict) -> None:
+        """Append one row (or, at the step of the last row, merge into it: the final evaluation)."""
+        if self.history and self.history[-1]["step"] == row["step"]:
+            self.history[-1].update(row)
+            if self.is_main:
+                self._rewrite()
+            return
+        self.history.append(row)
+        if self.is_main:
+            with open(self.file("metrics.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _rewrite(self) -> None:
+        path = self.file("metrics.jsonl")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            for row in self.history:
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+
+    def median(self, key: str) -> Optional[float]:
+        values = sorted(r[key] for r in self.history if r.get(key))
+        return values[len(values) // 2] if values else None
+
+    def finish(self, summary: dict) -> Optional[str]:
+        """Write summary.json and loss.png; the plot's path, or None without matplotlib."""
+        if not self.is_main:
+            return None
+        write_json_atomic(self.file("summary.json"), summary)
+        return plot_losses(self.history, self.file("loss.png"))
+
+
+def plot_losses(history: list[dict], path: str) -> Optional[str]:
+    """loss.png: train and validation loss against steps. None (and no file) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    tr = [(r["step"], r["train_loss"]) for r in history if "train_loss" in r]
+    va = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    if tr:
+        ax.plot(*zip(*tr), label="train", lw=1)
+    if va:
+        ax.plot(*zip(*va), label="validation", marker="o", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
