@@ -47,13 +47,13 @@ from minillm.classification_data import (
 from minillm.cli import add_bool, add_training_args, given_training_flags, positive_int, run_main
 from minillm.config import BACKENDS
 from minillm.data import LMData, evaluate_lm, read_corpus, split, tokenize_corpus
-from minillm.device import autocast, seed_everything
+from minillm.device import autocast, can_compile, seed_everything
 from minillm.hf_import import config_to_hf, save_hf
 from minillm.lora import DEFAULT_TARGETS, apply_lora, count_trainable, lora_state_dict, merge_lora
 from minillm.metrics import classification_report, format_confusion
 from minillm.pretrained import load_pretrained
 from minillm.quantize import quantize_int8, quantized_tensors
-from minillm.run_dir import RunDir, existing_run, refuse_clash
+from minillm.run_dir import RunDir, existing_run, keep_previous, lock, refuse_clash
 from minillm.tokenizer import check_vocab, load_tokenizer
 from minillm.training import (
     Meter, ProgressBar, TrainingStopped, TrainSettings, TrainState, clip_gradients, count_targets, lr_at,
@@ -479,7 +479,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     opts = resolve(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    opts["compile"] = opts["compile"] and can_compile(device)
     seed_everything(opts["seed"])
+    lock(args.out)
+    if args.export_hf:  # an unwritable export folder is found now, not after training
+        os.makedirs(args.export_hf, exist_ok=True)
+        if not os.access(args.export_hf, os.W_OK):
+            raise ValueError(f"--export-hf {args.export_hf}: the folder is not writable")
     saved = existing_run(args.out, args.resume)
     model, tokenizer, init_info = start_model(args, opts, saved if args.resume else None)
 
@@ -504,7 +510,7 @@ def main(argv=None) -> int:
         resume_training(saved["path"], model, optimizer, scaler, state, task.batches, strict=args.method != "lora")
         print(f"resumed {args.out} at step {state.step}")
     elif saved is not None:
-        print(f"{args.out} holds an earlier run: starting afresh and replacing it")
+        print(f"note: {args.out} held an earlier run; it is kept in {keep_previous(args.out)}")
     run = RunDir(args.out)
     run.start(state.step if args.resume else None)
     finetuned = {"init": os.path.abspath(args.init), "task": args.task, "method": args.method, "merged": False,

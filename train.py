@@ -23,11 +23,11 @@ from minillm.cli import add_bool, add_training_args, given_training_flags, posit
 from minillm.config import ACTIVATIONS, BACKENDS, NORMS, POS_ENCODINGS, PRESETS, ModelConfig
 from minillm.data import DEFAULT_CORPUS, LMData, corpus_key, evaluate_lm, read_corpus, split, tokenize_corpus
 from minillm.device import (
-    autocast, finish_distributed, flops_per_token, grad_sync, measure_matmul_peak, seed_everything,
+    autocast, can_compile, finish_distributed, flops_per_token, grad_sync, measure_matmul_peak, seed_everything,
     setup_distributed, wrap_ddp,
 )
 from minillm.model import build_model
-from minillm.run_dir import RunDir, existing_run, refuse_clash
+from minillm.run_dir import RunDir, existing_run, keep_previous, lock, refuse_clash
 from minillm.tokenizer import CharTokenizer, HFTokenizer, check_vocab, load_tokenizer
 from minillm.training import (
     Meter, ProgressBar, TrainingStopped, TrainSettings, TrainState, clip_gradients, count_targets, lr_at,
@@ -188,9 +188,12 @@ def main(argv=None) -> int:
     rank, world, device = setup_distributed()
     log = print if rank == 0 else (lambda *a, **k: None)
     args.out = args.out or os.path.join("out", (args.preset or "default") + (f"-{args.model}" if args.model else ""))
+    if rank == 0:
+        lock(args.out)
     saved = existing_run(args.out, args.resume)
     opts = resolve(args, saved if args.resume else None)
     s = TrainSettings.from_options(opts)
+    s.compile = s.compile and can_compile(device, log)
     seed_everything(s.seed)
 
     # -- data ------------------------------------------------------------------------------------
@@ -216,8 +219,8 @@ def main(argv=None) -> int:
     if args.resume:
         resume_training(saved["path"], model, optimizer, scaler, state, data)
         log(f"resumed {args.out} at step {state.step}")
-    elif saved is not None:
-        log(f"{args.out} holds an earlier run of the same shape: starting afresh and replacing it")
+    elif saved is not None and rank == 0:
+        log(f"note: {args.out} held an earlier run; it is kept in {keep_previous(args.out)}")
     run = RunDir(args.out, rank == 0)
     run.start(state.step if args.resume else None)
     record = {"train": {**{k: v for k, v in opts.items() if isinstance(v, (int, float, str, bool, type(None)))},
@@ -262,8 +265,9 @@ def main(argv=None) -> int:
 def report(summary, plot, model, tokenizer, tokens, opts, out, device, log) -> None:
     train_tokens, val_tokens = tokens
     val = f", val loss {summary['val_loss']:.4f}" if "val_loss" in summary else ""
+    compiled = f", {summary['compile_seconds']:.0f}s compiling, not counted" if summary["compile_seconds"] else ""
     log(f"done: {summary['steps']} steps in {summary['train_seconds']:.0f}s of training "
-        f"({summary['wall_seconds']:.0f}s wall){val}, {summary['tok_per_s'] or 0:,.0f} tok/s, "
+        f"({summary['wall_seconds']:.0f}s wall{compiled}){val}, {summary['tok_per_s'] or 0:,.0f} tok/s, "
         f"MFU {100 * (summary['mfu'] or 0):.1f}%")
     if opts["sample_tokens"] > 0:
         log("--- sample ---")

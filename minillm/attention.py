@@ -168,12 +168,26 @@ def _triton_backend(q, k, v, attn_mask, key_padding_mask, is_causal, scale, drop
     return flash_attention(q, k, v, causal=is_causal, softmax_scale=scale, kv_lens=kv_lens)
 
 
-def resolve_backend(name: str, device: torch.device, needs_mask: bool = False) -> str:
+def triton_takes(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Inputs our flash-attention kernel runs: fp16/bf16/fp32 q, k, v of one dtype, a head dim
+    that is a multiple of 8 up to 256, on a GPU of compute capability 8.0 or newer."""
+    d = q.shape[-1]
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype:
+        return False
+    if d % 8 or not 8 <= d <= 256:
+        return False
+    return q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] >= 8
+
+
+def resolve_backend(name: str, device: torch.device, needs_mask: bool = False, kernel_takes: bool = True) -> str:
+    """`auto`: our Triton kernel on CUDA where it takes the inputs (no mask of any kind, no
+    dropout: a padding mask would need a host sync to prove it right-padded), else SDPA, so
+    `auto` never raises where another backend would run."""
     if name not in BACKENDS:
         raise ValueError(f"attention backend {name!r} is not one of {list(BACKENDS)}")
     if name != "auto":
         return name
-    if device.type == "cuda" and not needs_mask and triton_available():
+    if device.type == "cuda" and not needs_mask and kernel_takes and triton_available():
         return "triton"
     return "sdpa"
 
@@ -181,7 +195,8 @@ def resolve_backend(name: str, device: torch.device, needs_mask: bool = False) -
 def attention(q, k, v, backend="auto", attn_mask=None, key_padding_mask=None, is_causal=False,
               scale=None, dropout_p=0.0):
     """Dispatch to one of the three implementations; all share the conventions above."""
-    backend = resolve_backend(backend, q.device, needs_mask=attn_mask is not None or dropout_p > 0)
+    masked = attn_mask is not None or key_padding_mask is not None or dropout_p > 0
+    backend = resolve_backend(backend, q.device, needs_mask=masked, kernel_takes=backend != "auto" or triton_takes(q, k))
     if backend == "naive":  # checks its own inputs
         return scaled_dot_product_attention(q, k, v, attn_mask, key_padding_mask, is_causal, scale, dropout_p)
     _check_qkv(q, k, v)

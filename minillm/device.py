@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import time
 
 import numpy as np
@@ -60,6 +61,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def finish_distributed(world: int) -> None:
     if world > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def can_compile(device: torch.device, log=print) -> bool:
+    """torch.compile on the CPU builds C++ and needs a compiler: without one, say so and run eagerly."""
+    if device.type == "cpu" and shutil.which(os.environ.get("CXX", "g++")) is None:
+        log(f"note: --compile needs a C++ compiler on the CPU ({os.environ.get('CXX', 'g++')} was not found): running eagerly")
+        return False
+    return True
 
 
 def autocast(device: torch.device, dtype: str):

@@ -1,4 +1,5 @@
-"""Sample text from a GPT checkpoint.
+"""Sample text from a GPT checkpoint: train.py's, or a finetune.py language model (full
+weights, LoRA adapters on their base model, or the int8 copy).
 
     python -m minillm.generate --ckpt out/default --prompt "The for statement" --tokens 200
 """
@@ -8,8 +9,8 @@ import argparse
 
 import torch
 
-from .checkpoint import load_model
 from .cli import run_main
+from .pretrained import load_finetuned
 
 
 def main(argv=None) -> int:
@@ -22,6 +23,7 @@ def main(argv=None) -> int:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base", help="the base model of a LoRA checkpoint, when it has moved")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.tokens < 0:
@@ -29,12 +31,16 @@ def main(argv=None) -> int:
     if args.num_samples <= 0:
         raise ValueError(f"--num-samples must be positive, got {args.num_samples}")
 
-    model, tokenizer, _ = load_model(args.ckpt)
+    model, tokenizer, cfg = load_finetuned(args.ckpt, base=args.base)
     if model.config.arch != "gpt":
         raise ValueError(f"{args.ckpt}: holds a {model.config.arch.upper()} model; generation needs a GPT")
+    if model.config.num_labels or cfg.get("labels"):
+        raise ValueError(f"{args.ckpt}: holds a classifier; label text with python -m minillm.predict --ckpt {args.ckpt}")
     if tokenizer is None:
         raise ValueError(f"{args.ckpt}: the checkpoint has no tokenizer file")
-    model.to(args.device).eval()
+    if not cfg.get("quantized"):  # the int8 copy runs on the CPU
+        model.to(args.device)
+    model.eval()
     ids = tokenizer.encode(args.prompt)
     if not ids:  # an empty prompt starts from the end-of-text token, or a newline
         ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else tokenizer.encode("\n")

@@ -12,8 +12,11 @@ files. Every rewrite is atomic: a crash leaves the old file or the new one.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import socket
 from typing import Optional
 
 from .checkpoint import find_checkpoint, read_config
@@ -46,6 +49,74 @@ def refuse_clash(out: str, given: dict, saved: dict) -> None:
              if k in saved and saved[k] != v]
     if clash:
         raise ValueError(f"--resume: flags disagree with the checkpoint in {out}: {', '.join(clash)}")
+
+
+LOCK = ".lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def lock(out: str) -> str:
+    """Claim the output folder for this process: two runs writing one folder would corrupt each
+    other. A lock left by a dead process on this host is taken over; a live owner is an error
+    naming it. Released when the process exits."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, LOCK)
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    owner = json.load(f)
+                pid, host = int(owner["pid"]), str(owner["host"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pid, host = -1, me["host"]  # unreadable: left half written by a process killed while locking
+            if (pid, host) == (me["pid"], me["host"]):  # this process again (main() called twice)
+                return path
+            if host != me["host"] or (pid > 0 and _alive(pid)):
+                raise ValueError(f"{out} is in use by another run (process {pid} on {host}); "
+                                 f"wait for it to finish or choose another --out")
+            print(f"note: taking over {out} from a run that is gone (process {pid})")
+            os.remove(path)
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(me, f)
+        atexit.register(unlock, path, me["pid"])
+        return path
+    raise ValueError(f"{out}: cannot take the lock {path}")
+
+
+def unlock(path: str, pid: int) -> None:
+    if os.getpid() == pid and os.path.exists(path):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+def keep_previous(out: str) -> Optional[str]:
+    """A fresh run into a folder that holds an earlier run's checkpoint: the earlier run moves to
+    <out>.prev (replacing an older one there) instead of being lost. Returns that path."""
+    if find_checkpoint(out) is None:
+        return None
+    prev = out.rstrip(os.sep) + ".prev"
+    if os.path.exists(prev):
+        shutil.rmtree(prev)
+    os.makedirs(prev)
+    for name in os.listdir(out):
+        if name != LOCK:  # the lock stays: it is this run's
+            os.replace(os.path.join(out, name), os.path.join(prev, name))
+    return prev
 
 
 class RunDir:

@@ -328,6 +328,29 @@ def test_auto_backend_is_sdpa_on_cpu():
     assert resolve_backend("naive", torch.device("cpu")) == "naive"
 
 
+def test_auto_backend_picks_what_supports_the_inputs(monkeypatch):
+    """On CUDA, `auto` takes the Triton kernel only for inputs it runs: any mask (a padding mask
+    may have holes or left padding), dropout, head dims that are not a multiple of 8 or over
+    256, float64 all go to SDPA instead of raising where the CPU works."""
+    import minillm.attention as attn
+
+    monkeypatch.setattr(attn, "triton_available", lambda: True)
+    cuda = torch.device("cuda")
+    assert resolve_backend("auto", cuda) == "triton"
+    assert resolve_backend("auto", cuda, needs_mask=True) == "sdpa"
+    assert resolve_backend("auto", cuda, kernel_takes=False) == "sdpa"
+    assert attn.triton_takes(torch.zeros(1, 1, 1, 64), torch.zeros(1, 1, 1, 64))
+    for d, dtype in ((12, torch.float32), (264, torch.float32), (4, torch.float16), (64, torch.float64)):
+        assert not attn.triton_takes(torch.zeros(1, 1, 1, d, dtype=dtype), torch.zeros(1, 1, 1, d, dtype=dtype)), (d, dtype)
+    seen = []
+    real = attn.resolve_backend
+    monkeypatch.setattr(attn, "resolve_backend", lambda *a, **k: seen.append(k) or real(*a, **k))
+    q, k, v = _qkv()
+    left_padded = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    attention(q, k, v, key_padding_mask=left_padded)
+    assert seen[-1]["needs_mask"], "a padding mask must keep `auto` off the Triton kernel"
+
+
 def _qkv(b=2, h=4, hkv=2, tq=3, tk=5, d=8):
     return torch.randn(b, h, tq, d), torch.randn(b, hkv, tk, d), torch.randn(b, hkv, tk, d)
 

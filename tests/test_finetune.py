@@ -277,6 +277,18 @@ def test_lm_gpt_text_and_instructions(tmp_path, gpt_ckpt):
     run(["--init", gpt_ckpt, "--task", "lm", "--train", sft, "--eval", sft, "--method", "lora", "--max-steps", "3",
          "--out", tmp_path / "sft", *QUICK])
     assert summary(tmp_path / "sft")["eval_loss"] > 0
+    # the LoRA (adapters-only) checkpoint samples through minillm.generate, on its recorded base model
+    from minillm.generate import main as generate
+
+    assert generate(["--ckpt", str(tmp_path / "sft"), "--prompt", "review: good\nsentiment:", "--tokens", "3"]) == 0
+
+
+def test_generate_refuses_a_classifier(tmp_path, data, gpt_ckpt):
+    from minillm.generate import main as generate
+
+    run(["--init", gpt_ckpt, "--train", data["train"], "--max-steps", "1", "--out", tmp_path / "cls", *QUICK])
+    with pytest.raises(ValueError, match="holds a classifier"):
+        generate(["--ckpt", str(tmp_path / "cls"), "--tokens", "3"])
 
 
 def test_lm_bert_masked(tmp_path, bert_dir):

@@ -201,3 +201,82 @@ def test_out_with_other_shape_is_refused_and_untouched(tmp_path, corpus):
     assert before == after
     _expect_error(run_train(["--data", corpus, "--out", str(tmp_path / "none"), "--resume", *TINY], tmp_path,
                             check=False), "--resume", "no checkpoint")
+
+
+def test_no_validation_split(tmp_path, corpus):
+    """--val-fraction 0: no evaluation, no NaN printed, and the end-of-run sample starts from the
+    training text instead of crashing on an empty validation split."""
+    out = tmp_path / "run"
+    proc = run_train(["--data", corpus, "--out", str(out), "--max-steps", "3", "--val-fraction", "0",
+                      *[a for a in TINY if a not in ("--sample-tokens", "0")], "--sample-tokens", "10"], tmp_path)
+    assert "--- sample ---" in proc.stdout and "nan" not in proc.stdout.lower()
+    summary = json.load(open(out / "summary.json"))
+    assert summary["steps"] == 3 and "val_loss" not in summary
+
+
+def test_compile_without_a_compiler_runs_eagerly(tmp_path, corpus):
+    """torch.compile on the CPU needs a C++ compiler: without one, a one-line notice and an eager run
+    (not a 157-line InvalidCxxCompiler traceback)."""
+    proc = run_train(["--data", corpus, "--out", str(tmp_path / "run"), "--max-steps", "2", "--compile", *TINY],
+                     tmp_path, env_extra={"CXX": str(tmp_path / "no-such-compiler")})
+    assert "note: --compile needs a C++ compiler" in proc.stdout and "Traceback" not in proc.stderr
+    assert json.load(open(tmp_path / "run" / "summary.json"))["compile_seconds"] == 0
+
+
+def test_ddp_with_a_time_budget_stops_together(tmp_path, corpus):
+    """Each process has its own clock; the stop is rank 0's decision, shared in the step's one
+    collective, so both processes stop after the same step and exit 0 (they used to crash in gloo)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = run_train(["--data", corpus, "--out", str(tmp_path / "run"), "--time-budget", "4", "--max-steps", "100000",
+                      "--eval-interval", "0", *TINY], tmp_path, launcher=launcher)
+    assert "Traceback" not in proc.stderr
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    assert summary["world_size"] == 2 and summary["steps"] > 1 and 4 <= summary["train_seconds"] < 8
+
+
+def test_torch_floor_has_every_api_called():
+    """pyproject's torch floor is at least the release that brought each API the package calls."""
+    import re
+
+    floor = re.search(r'"torch>=([0-9.]+)"', open(os.path.join(ROOT, "pyproject.toml")).read()).group(1)
+    needs = {"torch.amp.GradScaler": (2, 3), "fused=": (2, 4)}  # GradScaler(device); fused AdamW on the CPU
+    source = "".join(open(os.path.join(ROOT, f)).read() for f in ("train.py", "finetune.py", "minillm/training.py"))
+    for api, version in needs.items():
+        if api in source:
+            assert tuple(map(int, floor.split(".")[:2])) >= version, (api, floor)
+
+
+def test_one_host_sync_per_optimizer_step(tmp_path, corpus, monkeypatch):
+    """The loop reads a tensor's value on the host (item, tolist, bool, int, float) once per
+    optimizer step, whatever grad_accum is: on a GPU every such read stalls the pipeline.
+    Steps that log, evaluate or checkpoint may read more; this run does none of those mid-run."""
+    sys.path.insert(0, ROOT)
+    import train as script
+
+    monkeypatch.setenv("MINILLM_CACHE", str(tmp_path / "cache"))
+    reads = []
+    names = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+    real_loop = script.train
+
+    def counting_loop(*args, **kw):
+        originals = {n: getattr(torch.Tensor, n) for n in names}
+
+        def counted(name):
+            def read(self, *a, **k):
+                reads.append(name)
+                return originals[name](self, *a, **k)
+            return read
+
+        for n in names:
+            monkeypatch.setattr(torch.Tensor, n, counted(n))
+        try:
+            return real_loop(*args, **kw)
+        finally:
+            for n in names:
+                monkeypatch.setattr(torch.Tensor, n, originals[n])
+
+    monkeypatch.setattr(script, "train", counting_loop)
+    args = ["--data", corpus, "--out", str(tmp_path / "run"), *TINY, "--max-steps", "6", "--grad-accum", "3",
+            "--log-interval", "100", "--eval-interval", "0", "--ckpt-seconds", "1e9"]
+    assert script.main(args) == 0
+    assert len(reads) == 6, reads
