@@ -47,7 +47,7 @@ from minillm.classification_data import (
 from minillm.cli import add_bool, add_training_args, given_training_flags, positive_int, run_main
 from minillm.config import BACKENDS
 from minillm.data import LMData, evaluate_lm, read_corpus, split, tokenize_corpus
-from minillm.device import autocast, can_compile, seed_everything
+from minillm.device import autocast, can_compile, check_memory, seed_everything
 from minillm.hf_import import config_to_hf, save_hf
 from minillm.lora import DEFAULT_TARGETS, apply_lora, count_trainable, lora_state_dict, merge_lora
 from minillm.metrics import classification_report, format_confusion
@@ -488,6 +488,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--export-hf {args.export_hf}: the folder is not writable")
     saved = existing_run(args.out, args.resume)
     model, tokenizer, init_info = start_model(args, opts, saved if args.resume else None)
+    check_memory(model.config, opts["batch_size"], min(args.max_len, model.config.block_size), device)
 
     # -- data, head, method
     task = (classification_task(args, opts, model, tokenizer, device, saved if args.resume else None)

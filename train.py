@@ -19,12 +19,12 @@ import time
 
 import torch
 
-from minillm.cli import add_bool, add_training_args, given_training_flags, positive_int, run_main
+from minillm.cli import add_bool, add_training_args, positive_int, run_main
 from minillm.config import ACTIVATIONS, BACKENDS, NORMS, POS_ENCODINGS, PRESETS, ModelConfig
 from minillm.data import DEFAULT_CORPUS, LMData, corpus_key, evaluate_lm, read_corpus, split, tokenize_corpus
 from minillm.device import (
-    autocast, can_compile, finish_distributed, flops_per_token, grad_sync, measure_matmul_peak, seed_everything,
-    setup_distributed, wrap_ddp,
+    autocast, can_compile, check_memory, finish_distributed, flops_per_token, grad_sync, measure_matmul_peak,
+    seed_everything, setup_distributed, wrap_ddp,
 )
 from minillm.model import build_model
 from minillm.run_dir import RunDir, existing_run, keep_previous, lock, refuse_clash
@@ -204,6 +204,7 @@ def main(argv=None) -> int:
         raise ValueError(f"--resume: the corpus {opts['data'] or '(Python docs)'} is not the one {args.out} was trained on")
     config = model_config(opts, tokenizer, saved, args.resume, args.out)
     check_vocab(tokenizer, config.vocab_size)
+    check_memory(config, s.batch_size, config.block_size, device)
     train_tokens, val_tokens = split(tokenize_corpus(docs, tokenizer), opts["val_fraction"], config.block_size)
     data = LMData(train_tokens, val_tokens, config.block_size, s.batch_size, s.seed, device,
                   mask_with=tokenizer if config.arch == "bert" else None, rank=rank, world=world)

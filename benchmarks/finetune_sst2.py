@@ -34,6 +34,7 @@ import os
 import statistics
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 
@@ -159,7 +160,7 @@ def reference(model_dir, train_path, dev_path, budget, batch_size, lr, warmup, d
 # Ours: finetune.py as a user runs it
 
 
-def ours(model_dir, train_path, dev_path, budget, batch_size, method, lr, warmup, dropout, extra, env, log):
+def ours(model_dir, train_path, dev_path, budget, batch_size, method, lr, warmup, dropout, extra, env, log, keep=False):
     out = tempfile.mkdtemp(prefix=f"sst2-{method}-")
     cmd = [sys.executable, os.path.join(ROOT, "finetune.py"), "--init", model_dir, "--train", train_path,
            "--eval", dev_path, "--text-col", "sentence", "--label-col", "label", "--method", method,
@@ -174,11 +175,13 @@ def ours(model_dir, train_path, dev_path, budget, batch_size, method, lr, warmup
         log("  " + line)
     with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
         s = json.load(f)
+    if not keep:  # a checkpoint of MiniLM is ~270 MB per run
+        shutil.rmtree(out, ignore_errors=True)
     return {"name": f"minillm finetune.py --method {method}", "setting": s["dtype"] + (" " + " ".join(extra) if extra else ""),
             "ex_per_s": s["train_ex_per_s_overall"], "median_window_ex_per_s": s["ex_per_s"],
             "dev_accuracy": round(s["eval_accuracy"], 4), "dev_f1": round(s["eval_f1"], 4), "steps": s["steps"],
             "train_seconds": s["train_seconds"], "compile_seconds": s["compile_seconds"], "budget": budget,
-            "lr": lr, "out": out}
+            "lr": lr, "out": out if keep else None}
 
 
 def main(argv=None) -> int:
@@ -201,6 +204,7 @@ def main(argv=None) -> int:
     p.add_argument("--dev", default=os.path.join(DATA, "dev.tsv"))
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--keep-outputs", action="store_true", help="keep finetune.py's output folders (~270 MB each)")
     args = p.parse_args(argv)
     for path in (args.train, args.dev):
         if not os.path.exists(path):
@@ -228,7 +232,7 @@ def main(argv=None) -> int:
             lr = args.lr if r == "full" else args.lora_lr
             extra = (args.full_args if r == "full" else args.lora_args).split()
             res = ours(model_dir, args.train, args.dev, args.budget, args.batch_size, r, lr, args.warmup_steps,
-                       args.dropout, extra, env, log)
+                       args.dropout, extra, env, log, keep=args.keep_outputs)
         else:
             raise SystemExit(f"unknown run {r!r}; choose from reference, full, lora")
         res["wall_seconds"] = round(time.perf_counter() - t0, 1)

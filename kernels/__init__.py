@@ -87,6 +87,29 @@ def num_partials(device: torch.device, m: int) -> int:
     return max(1, min(m, 4))
 
 
+@dataclass
+class RowGrads:
+    """Buffers of a row-norm backward: dx, and per-program partial sums of dweight/dbias (None
+    where the norm has no such parameter), each program taking rows_per_program rows."""
+    dx: torch.Tensor
+    dw_partial: torch.Tensor | None
+    db_partial: torch.Tensor | None
+    groups: int
+    rows_per_program: int
+
+
+def row_grads(x2: torch.Tensor, has_weight: bool, has_bias: bool) -> RowGrads:
+    m, n = x2.shape
+    rows_per_program = -(-m // num_partials(x2.device, m))
+    groups = -(-m // rows_per_program)
+
+    def partial(wanted):
+        return torch.empty((groups, n), dtype=torch.float32, device=x2.device) if wanted else None
+
+    dx = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    return RowGrads(dx, partial(has_weight), partial(has_bias), groups, rows_per_program)
+
+
 def contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     """t laid out contiguously (no copy when it already is); None for an absent weight or bias."""
     return t.contiguous() if t is not None else None

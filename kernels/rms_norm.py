@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import (MAX_FUSED_SIZE, CompileSpec, as_rows, contiguous, num_partials, row_launch_config, tl,
+from kernels import (MAX_FUSED_SIZE, CompileSpec, as_rows, contiguous, row_grads, row_launch_config, tl,
                      triton, triton_usable)
 
 
@@ -100,17 +100,14 @@ def _backward(dy, x2, weight, rstd, bias_dtype):
     m, n = x2.shape
     dy2 = as_rows(dy)
     weight = contiguous(weight)
-    dx = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     has_weight, has_bias = weight is not None, bias_dtype is not None
-    rows_per_program = triton.cdiv(m, num_partials(x2.device, m))
-    groups = triton.cdiv(m, rows_per_program)
-    dw_partial = torch.empty((groups, n), dtype=torch.float32, device=x2.device) if has_weight else None
-    db_partial = torch.empty((groups, n), dtype=torch.float32, device=x2.device) if has_bias else None
+    g = row_grads(x2, has_weight, has_bias)
+    dx, dw_partial, db_partial = g.dx, g.dw_partial, g.db_partial
     block, warps = row_launch_config(n)
-    _rms_norm_bwd_kernel[(groups,)](
+    _rms_norm_bwd_kernel[(g.groups,)](
         dy2, x2, weight if has_weight else x2, rstd, dx,
         dw_partial if has_weight else rstd, db_partial if has_bias else rstd,
-        dy2.stride(0), x2.stride(0), dx.stride(0), m, n, rows_per_program,
+        dy2.stride(0), x2.stride(0), dx.stride(0), m, n, g.rows_per_program,
         HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_N=block, num_warps=warps,
     )
     dw = dw_partial.sum(0).to(weight.dtype) if has_weight else None

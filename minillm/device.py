@@ -103,6 +103,41 @@ def measure_matmul_peak(device: torch.device, dtype: str, n: int = 1024, reps: i
     return 2 * n**3 / sorted(times)[len(times) // 2]
 
 
+def available_memory(device: torch.device):
+    """Bytes free for this run on the device (CUDA: free GPU memory; CPU: MemAvailable), or None."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None  # not Linux: no check
+
+
+def training_bytes(n_params: int, config, batch: int, block: int) -> int:
+    """A rough peak for a float32 AdamW step: weights, gradients and two moments (16 bytes a
+    parameter), the activations each block keeps for backward (about 8C + 2 x inner + 2 x heads x T
+    floats a token), and the logits with their float copy and gradient."""
+    c = config
+    per_token = c.n_layer * (8 * c.n_embd + 2 * c.inner + 2 * c.n_head * block) + 3 * c.vocab_size
+    return 16 * n_params + 4 * batch * block * per_token
+
+
+def check_memory(config, batch: int, block: int, device: torch.device) -> int:
+    """Refuse, before anything big is allocated, a run whose estimated peak does not fit."""
+    with torch.device("meta"):  # counts the parameters without allocating them
+        from .model import build_model
+
+        n_params = sum(p.numel() for p in build_model(config).parameters())
+    need, free = training_bytes(n_params, config, batch, block), available_memory(device)
+    if free is not None and need > free:
+        raise ValueError(f"this run needs about {need / 2**30:.1f} GiB ({n_params / 1e6:,.0f}M parameters, batch {batch} "
+                         f"x {block} tokens) but {device.type} has {free / 2**30:.1f} GiB free: use a smaller model, "
+                         "--batch-size or --block-size")
+    return need
+
+
 def flops_per_token(model: nn.Module, block_size: int) -> float:
     """6N for the weights (forward + backward) plus the attention matmuls (Kaplan et al.; PaLM)."""
     c = model.config

@@ -280,3 +280,16 @@ def test_one_host_sync_per_optimizer_step(tmp_path, corpus, monkeypatch):
             "--log-interval", "100", "--eval-interval", "0", "--ckpt-seconds", "1e9"]
     assert script.main(args) == 0
     assert len(reads) == 6, reads
+
+
+def test_run_that_cannot_fit_is_refused_before_allocating(tmp_path, corpus):
+    """--n-embd 16384 is a 13-billion-parameter model: refused in one line with the estimate and the
+    free memory, before the weights exist (the process stays small), instead of exhausting the machine."""
+    proc = run_train(["--data", corpus, "--out", str(tmp_path / "run"), "--n-embd", "16384", "--max-steps", "1"],
+                     tmp_path, check=False)
+    _expect_error(proc, "needs about", "GiB free")
+    from minillm.config import preset
+    from minillm.device import training_bytes
+
+    small = training_bytes(10**6, preset("gpt-cpu", vocab_size=100), batch=16, block=128)
+    assert 16 * 10**6 < small < 2**30  # the recipes' models are estimated at well under a GiB
