@@ -331,7 +331,7 @@ def finetune(model, task: Task, optimizer, scaler, state: TrainState, s: TrainSe
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if not finite:
-            skip_step(state, s, loss, run.path)
+            skip_step(state, s, loss, run.path, scaler=scaler)
         state.advance(time.perf_counter() - t0, sum(b[0].shape[0] if task.unit == "ex" else b[0].numel() for b in micro),
                       meter, compiling=first and s.compile)
         first = False
@@ -488,7 +488,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--export-hf {args.export_hf}: the folder is not writable")
     saved = existing_run(args.out, args.resume)
     model, tokenizer, init_info = start_model(args, opts, saved if args.resume else None)
-    check_memory(model.config, opts["batch_size"], min(args.max_len, model.config.block_size), device)
+    check_memory(model.config, opts["batch_size"], min(args.max_len, model.config.block_size), device,
+                 n_params=sum(p.numel() for p in model.parameters()))
 
     # -- data, head, method
     task = (classification_task(args, opts, model, tokenizer, device, saved if args.resume else None)

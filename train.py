@@ -167,7 +167,7 @@ def train(model, data: LMData, optimizer, scaler, state: TrainState, s: TrainSet
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if not finite:
-            skip_step(state, s, loss, run.path, log)
+            skip_step(state, s, loss, run.path, log, scaler)
         state.advance(time.perf_counter() - t0, sum(x.numel() for x, _ in micro) * world, meter, first and s.compile)
         first = False
         bar.update(state, loss, meter, "tok")

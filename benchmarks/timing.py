@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from minillm.device import DTYPES
 CPU_NOTICE = ("No CUDA device here: the Triton rows need a GPU, so only the PyTorch reference "
               "path(s) are timed below, on the CPU.")
 

@@ -16,6 +16,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .model import build_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,8 +42,6 @@ def wrap_ddp(model: nn.Module, device: torch.device, world: int) -> nn.Module:
     """The model the loop calls: DDP-wrapped when there are several processes."""
     if world == 1:
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
@@ -59,7 +60,9 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def finish_distributed(world: int) -> None:
+    """Leave together: a process that tears down while another still talks to it dies in gloo."""
     if world > 1 and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -124,12 +127,11 @@ def training_bytes(n_params: int, config, batch: int, block: int) -> int:
     return 16 * n_params + 4 * batch * block * per_token
 
 
-def check_memory(config, batch: int, block: int, device: torch.device) -> int:
+def check_memory(config, batch: int, block: int, device: torch.device, n_params=None) -> int:
     """Refuse, before anything big is allocated, a run whose estimated peak does not fit."""
-    with torch.device("meta"):  # counts the parameters without allocating them
-        from .model import build_model
-
-        n_params = sum(p.numel() for p in build_model(config).parameters())
+    if n_params is None:
+        with torch.device("meta"):  # counts the parameters without allocating them
+            n_params = sum(p.numel() for p in build_model(config).parameters())
     need, free = training_bytes(n_params, config, batch, block), available_memory(device)
     if free is not None and need > free:
         raise ValueError(f"this run needs about {need / 2**30:.1f} GiB ({n_params / 1e6:,.0f}M parameters, batch {batch} "

@@ -15,6 +15,8 @@ import json
 import os
 from typing import Iterable, Optional
 
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
 SPECIALS = ["<pad>", "<mask>", "<eos>"]
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 CHAR_FILE = "char_tokenizer.json"
@@ -142,8 +144,6 @@ class HFTokenizer:
 
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int) -> "HFTokenizer":
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
         if vocab_size < 256 + len(SPECIALS):
             raise ValueError(f"--vocab-size must be at least {256 + len(SPECIALS)} for byte-level BPE, got {vocab_size}")
         tok = Tokenizer(models.BPE())
@@ -204,8 +204,6 @@ def load_tokenizer(path: str):
             raise ValueError(f"{path}: not a valid character tokenizer ({e})") from None
     if name.endswith(".txt"):
         return _load_vocab_txt(path)
-    from tokenizers import Tokenizer
-
     try:
         return HFTokenizer(Tokenizer.from_file(path))
     except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
@@ -215,8 +213,6 @@ def load_tokenizer(path: str):
 def _load_vocab_txt(path: str) -> HFTokenizer:
     """A BERT WordPiece vocab.txt, tokenizing as transformers' BertTokenizer does with the same file, so
     that ids do not depend on whether a model folder's vocab.txt or its tokenizer.json was found."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
     try:
         with open(path, encoding="utf-8") as f:
             vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}

@@ -195,12 +195,13 @@ def sync_step(step_loss: torch.Tensor, grad_norm: torch.Tensor, time_up: bool) -
     return loss, math.isfinite(loss) and math.isfinite(gnorm), stop > 0
 
 
-def skip_step(state: TrainState, s: TrainSettings, loss: float, out: str, log=print) -> None:
-    """Count a non-finite step (its update was not applied); past max_skips, stop the run."""
+def skip_step(state: TrainState, s: TrainSettings, loss: float, out: str, log=print, scaler=None) -> None:
+    """Count a non-finite step (its update was not applied); past max_skips, stop the run. With
+    float16's loss scaler, overflowing steps are how the scale calibrates itself: counted, never fatal."""
     state.skips += 1
     log(f"step {state.step + 1}: non-finite loss or gradients (loss {loss}); step skipped "
         f"({state.skips}/{s.max_skips} skips allowed)")
-    if state.skips > s.max_skips:
+    if state.skips > s.max_skips and not (scaler is not None and scaler.is_enabled()):
         raise TrainingStopped(f"stopped at step {state.step + 1}: {state.skips} non-finite steps exceed "
                               f"--max-skips {s.max_skips}; the last good checkpoint in {out} is kept")
 

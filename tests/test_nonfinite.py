@@ -242,3 +242,17 @@ def test_cli_diverging_run_stops_with_one_line(tmp_path, corpus):
                               text=True, env=env, cwd=tmp_path, timeout=300)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, (flag, proc.stderr)
         assert flag in proc.stderr.strip().splitlines()[-1] and not (tmp_path / "r2" / "checkpoint").exists()
+
+
+def test_float16_scaler_overflows_are_never_fatal():
+    """With float16 the loss scaler starts high and halves on overflow: those skipped steps are
+    how it calibrates, so they are counted but never stop the run (without a scaler they do)."""
+    from minillm.training import skip_step
+
+    s, state = TrainSettings(max_skips=0), TrainState()
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    for _ in range(3):
+        skip_step(state, s, math.inf, "out", log=lambda *a: None, scaler=scaler)
+    assert state.skips == 3
+    with pytest.raises(TrainingStopped, match="exceed --max-skips 0"):
+        skip_step(state, s, math.nan, "out", log=lambda *a: None)
