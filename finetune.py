@@ -47,7 +47,7 @@ from minillm.classification_data import (
 from minillm.cli import add_bool, add_training_args, given_training_flags, positive_int, run_main
 from minillm.config import BACKENDS
 from minillm.data import LMData, evaluate_lm, read_corpus, split, tokenize_corpus
-from minillm.device import autocast, can_compile, check_memory, seed_everything
+from minillm.device import autocast, can_compile, check_memory, evaluating, seed_everything
 from minillm.hf_import import config_to_hf, save_hf
 from minillm.lora import DEFAULT_TARGETS, apply_lora, count_trainable, lora_state_dict, merge_lora
 from minillm.metrics import classification_report, format_confusion
@@ -325,7 +325,7 @@ def finetune(model, task: Task, optimizer, scaler, state: TrainState, s: TrainSe
             scaler.scale(part).backward()
             step_loss += part.detach()
         loss, finite, state.out_of_time = sync_step(step_loss, clip_gradients(model, optimizer, scaler, s.grad_clip),
-                                                    bool(s.time_budget) and state.elapsed + time.perf_counter() - t0 >= s.time_budget)
+                                                    state.time_up(s, time.perf_counter() - t0))
         if finite or scaler.is_enabled():  # the fp16 scaler skips non-finite steps itself
             scaler.step(optimizer)
             scaler.update()
@@ -351,11 +351,8 @@ def finetune(model, task: Task, optimizer, scaler, state: TrainState, s: TrainSe
 def run_eval(model, task: Task, s: TrainSettings, device) -> dict:
     if task.evaluate is None:
         return {}
-    model.eval()
-    with torch.no_grad(), autocast(device, s.dtype):
-        metrics = task.evaluate(model)
-    model.train()
-    return metrics
+    with evaluating(model, device, s.dtype):
+        return task.evaluate(model)
 
 
 # -- after training: Hugging Face export and the int8 copy ------------------------------------------

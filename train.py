@@ -23,8 +23,8 @@ from minillm.cli import add_bool, add_training_args, positive_int, run_main
 from minillm.config import ACTIVATIONS, BACKENDS, NORMS, POS_ENCODINGS, PRESETS, ModelConfig
 from minillm.data import DEFAULT_CORPUS, LMData, corpus_key, evaluate_lm, read_corpus, split, tokenize_corpus
 from minillm.device import (
-    autocast, can_compile, check_memory, finish_distributed, flops_per_token, grad_sync, measure_matmul_peak,
-    seed_everything, setup_distributed, wrap_ddp,
+    autocast, can_compile, check_memory, evaluating, finish_distributed, flops_per_token, grad_sync,
+    measure_matmul_peak, seed_everything, setup_distributed, wrap_ddp,
 )
 from minillm.model import build_model
 from minillm.run_dir import RunDir, existing_run, keep_previous, lock, refuse_clash
@@ -131,13 +131,9 @@ def model_config(opts: dict, tokenizer, saved, resume: bool, out: str) -> ModelC
     return config
 
 
-@torch.no_grad()
 def evaluate(model, data: LMData, s: TrainSettings) -> dict:
-    model.eval()
-    with autocast(data.device, s.dtype):
-        loss = evaluate_lm(model, data, s.eval_iters)
-    model.train()
-    return {"val_loss": loss}
+    with evaluating(model, data.device, s.dtype):
+        return {"val_loss": evaluate_lm(model, data, s.eval_iters)}
 
 
 def train(model, data: LMData, optimizer, scaler, state: TrainState, s: TrainSettings, run: RunDir, save,
@@ -160,7 +156,7 @@ def train(model, data: LMData, optimizer, scaler, state: TrainState, s: TrainSet
             scaler.scale(part * world).backward()  # DDP averages over processes: * world makes it a sum
             step_loss += part.detach()
         grad_norm = clip_gradients(model, optimizer, scaler, s.grad_clip)
-        time_up = bool(s.time_budget) and state.elapsed + time.perf_counter() - t0 >= s.time_budget
+        time_up = state.time_up(s, time.perf_counter() - t0)
         loss, finite, state.out_of_time = sync_step(step_loss, grad_norm, time_up)  # the one host sync
         if finite or scaler.is_enabled():  # the fp16 scaler skips non-finite steps itself
             scaler.step(optimizer)

@@ -24,14 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.timing import cpu_name
+from benchmarks.timing import cpu_name, median_ms
 
 BACKENDS = ("naive", "sdpa", "triton")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -71,26 +69,6 @@ def attention_flops(batch, heads, seq_len, head_dim, causal) -> float:
     return flops / 2 if causal else flops
 
 
-def _median_time_ms(fn, reps: int, warmup: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def bench_one(backend, batch, heads, seq_len, head_dim, causal, dtype, device, reps, warmup):
     """Times one configuration; returns a result row (status 'ok', 'OOM' or an error)."""
     row = dict(backend=backend, seq_len=seq_len, head_dim=head_dim, causal=causal,
@@ -111,9 +89,9 @@ def bench_one(backend, batch, heads, seq_len, head_dim, causal, dtype, device, r
             fn(q, k, v, causal).backward(do)
 
         flops = attention_flops(batch, heads, seq_len, head_dim, causal)
-        row["fwd_ms"] = _median_time_ms(forward, reps, warmup, device)
+        row["fwd_ms"] = median_ms(forward, device, reps, warmup)
         row["fwd_tflops"] = flops / (row["fwd_ms"] * 1e-3) / 1e12
-        row["fwd_bwd_ms"] = _median_time_ms(forward_backward, reps, warmup, device)
+        row["fwd_bwd_ms"] = median_ms(forward_backward, device, reps, warmup)
         row["fwd_bwd_tflops"] = 3.5 * flops / (row["fwd_bwd_ms"] * 1e-3) / 1e12
     except torch.OutOfMemoryError:
         row["status"] = "OOM"

@@ -89,16 +89,37 @@ def num_partials(device: torch.device, m: int) -> int:
 
 @dataclass
 class RowGrads:
-    """Buffers of a row-norm backward: dx, and per-program partial sums of dweight/dbias (None
+    """What a row-norm backward (LayerNorm, RMSNorm) launches with: the upstream gradient as rows,
+    the weight laid out contiguously, dx, and per-program partial sums of dweight/dbias (None
     where the norm has no such parameter), each program taking rows_per_program rows."""
+    dy2: torch.Tensor
+    weight: torch.Tensor | None
     dx: torch.Tensor
     dw_partial: torch.Tensor | None
     db_partial: torch.Tensor | None
     groups: int
     rows_per_program: int
+    block: int
+    warps: int
+
+    @property
+    def has_weight(self) -> bool:
+        return self.dw_partial is not None
+
+    @property
+    def has_bias(self) -> bool:
+        return self.db_partial is not None
+
+    def finish(self, bias_dtype) -> tuple:
+        """(dx, dweight, dbias) once the kernel ran: the partial sums reduced."""
+        dw = self.dw_partial.sum(0).to(self.weight.dtype) if self.has_weight else None
+        db = self.db_partial.sum(0).to(bias_dtype) if self.has_bias else None
+        return self.dx, dw, db
 
 
-def row_grads(x2: torch.Tensor, has_weight: bool, has_bias: bool) -> RowGrads:
+def row_grads(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor | None, bias_dtype) -> RowGrads:
+    """The buffers and launch configuration of a row-norm backward for upstream dy (..., N) over the
+    saved input rows x2 (M, N); bias_dtype is None when the norm has no bias."""
     m, n = x2.shape
     rows_per_program = -(-m // num_partials(x2.device, m))
     groups = -(-m // rows_per_program)
@@ -107,7 +128,8 @@ def row_grads(x2: torch.Tensor, has_weight: bool, has_bias: bool) -> RowGrads:
         return torch.empty((groups, n), dtype=torch.float32, device=x2.device) if wanted else None
 
     dx = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    return RowGrads(dx, partial(has_weight), partial(has_bias), groups, rows_per_program)
+    return RowGrads(as_rows(dy), contiguous(weight), dx, partial(weight is not None), partial(bias_dtype is not None),
+                    groups, rows_per_program, *row_launch_config(n))
 
 
 def contiguous(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -98,21 +98,14 @@ def _backward(dy, x2, weight, rstd, bias_dtype):
     """(dx (M, N), dweight, dbias) for the upstream dy (..., N). dweight is None without a
     weight, dbias None when bias_dtype is None (no bias)."""
     m, n = x2.shape
-    dy2 = as_rows(dy)
-    weight = contiguous(weight)
-    has_weight, has_bias = weight is not None, bias_dtype is not None
-    g = row_grads(x2, has_weight, has_bias)
-    dx, dw_partial, db_partial = g.dx, g.dw_partial, g.db_partial
-    block, warps = row_launch_config(n)
+    g = row_grads(dy, x2, weight, bias_dtype)
     _rms_norm_bwd_kernel[(g.groups,)](
-        dy2, x2, weight if has_weight else x2, rstd, dx,
-        dw_partial if has_weight else rstd, db_partial if has_bias else rstd,
-        dy2.stride(0), x2.stride(0), dx.stride(0), m, n, g.rows_per_program,
-        HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, BLOCK_N=block, num_warps=warps,
+        g.dy2, x2, g.weight if g.has_weight else x2, rstd, g.dx,
+        g.dw_partial if g.has_weight else rstd, g.db_partial if g.has_bias else rstd,
+        g.dy2.stride(0), x2.stride(0), g.dx.stride(0), m, n, g.rows_per_program,
+        HAS_WEIGHT=g.has_weight, HAS_BIAS=g.has_bias, BLOCK_N=g.block, num_warps=g.warps,
     )
-    dw = dw_partial.sum(0).to(weight.dtype) if has_weight else None
-    db = db_partial.sum(0).to(bias_dtype) if has_bias else None
-    return dx, dw, db
+    return g.finish(bias_dtype)
 
 
 class _RMSNormFunction(torch.autograd.Function):

