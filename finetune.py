@@ -46,8 +46,10 @@ from minillm.classification_data import (
 )
 from minillm.cli import add_bool, add_training_args, given_training_flags, positive_int, run_main
 from minillm.config import BACKENDS
-from minillm.data import LMData, evaluate_lm, read_corpus, split, tokenize_corpus
-from minillm.device import autocast, can_compile, check_memory, evaluating, seed_everything
+from minillm.data import LMData, evaluate_lm, read_corpus, split, to_device, tokenize_corpus
+from minillm.device import (
+    autocast, can_compile, check_device_support, check_memory, evaluating, resolve_device, resolve_dtype, seed_everything,
+)
 from minillm.hf_import import config_to_hf, save_hf
 from minillm.lora import DEFAULT_TARGETS, apply_lora, count_trainable, lora_state_dict, merge_lora
 from minillm.metrics import classification_report, format_confusion
@@ -100,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--class-weights", choices=["none", "auto"], default="none", help="auto: weigh classes by inverse frequency")
     g.add_argument("--dropout", type=float, help="dropout of the model (default: its config's)")
     g.add_argument("--attention-backend", choices=BACKENDS, default="auto")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto: CUDA, then MPS, then CPU)")
     g.add_argument("--epochs", type=float, default=3.0, help="passes over the training set when --max-steps is not given")
     add_training_args(p, FINETUNE_DEFAULTS, out_default="out/finetune")
     g = p.add_argument_group("after training")
@@ -165,10 +168,11 @@ class PaddedBatches:
     def next(self):
         idx = self.order.next()
         ids, second, mask = collate(self.encoded, idx, self.pad_id, pad_second=self.pad_second)
+        ids, second = to_device(ids, self.device), to_device(second, self.device)
         if self.labels is None:  # right padding needs no mask in a causal model: real tokens never look ahead
-            return ids.to(self.device), second.to(self.device)
-        mask = None if bool(mask.all()) else mask.to(self.device)  # no padding: attention needs no mask
-        return ids.to(self.device), second.to(self.device), mask, self.labels[idx].to(self.device)
+            return ids, second
+        mask = None if bool(mask.all()) else to_device(mask, self.device)  # no padding: attention needs no mask
+        return ids, second, mask, to_device(self.labels[idx], self.device)
 
 
 def classification_task(args, opts, model, tokenizer, device, saved) -> Task:
@@ -301,6 +305,19 @@ def apply_method(model, args, opts) -> str:
     if args.freeze_layers is not None and args.method == "full":
         what += f", embeddings and {args.freeze_layers} block(s) frozen"
     return f"{what}: {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train"
+
+
+def probe_step(model, task: Task):
+    """One forward and backward on the task's first batch (the batches' position is restored),
+    for --dtype auto to time on the CPU."""
+    position = task.batches.state()
+    batch = task.batches.next()
+    task.batches.load_state(position)
+
+    def step():
+        task.loss(model, batch)[0].backward()
+        model.zero_grad(set_to_none=True)
+    return step
 
 
 # -- the loop -------------------------------------------------------------------------------------
@@ -475,7 +492,8 @@ def start_model(args, opts, saved):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     opts = resolve(args)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
+    check_device_support(device, attention_backend=args.attention_backend)
     opts["compile"] = opts["compile"] and can_compile(device)
     seed_everything(opts["seed"])
     lock(args.out)
@@ -484,6 +502,8 @@ def main(argv=None) -> int:
         if not os.access(args.export_hf, os.W_OK):
             raise ValueError(f"--export-hf {args.export_hf}: the folder is not writable")
     saved = existing_run(args.out, args.resume)
+    if args.resume and args.dtype is None:  # the dtype --dtype auto chose when the run began
+        opts["dtype"] = (saved.get("train") or {}).get("dtype", opts["dtype"])
     model, tokenizer, init_info = start_model(args, opts, saved if args.resume else None)
     check_memory(model.config, opts["batch_size"], min(args.max_len, model.config.block_size), device,
                  n_params=sum(p.numel() for p in model.parameters()))
@@ -499,6 +519,7 @@ def main(argv=None) -> int:
     opts["max_steps"] = opts["max_steps"] or max(1, math.ceil(args.epochs * steps_per_epoch))
     opts["warmup_steps"] = opts["warmup_steps"] if opts["warmup_steps"] is not None else min(100, int(0.06 * opts["max_steps"]))
     s = TrainSettings.from_options(opts)
+    s.dtype = resolve_dtype(s.dtype, device, None if s.compile else probe_step(model, task))
     model.gradient_checkpointing = s.activation_checkpointing
     optimizer = make_optimizer(model, s)
     scaler = torch.amp.GradScaler(device.type, enabled=s.dtype == "float16")
@@ -515,7 +536,8 @@ def main(argv=None) -> int:
     finetuned = {"init": os.path.abspath(args.init), "task": args.task, "method": args.method, "merged": False,
                  "freeze_layers": args.freeze_layers, "lora": lora_settings(args, opts), **task.record}
     extra = {"task": args.task, "finetune": finetuned, **({"labels": task.labels.names} if task.labels else {}),
-             "train": {k: v for k, v in opts.items() if isinstance(v, (int, float, str, bool, type(None)))}}
+             "train": {**{k: v for k, v in opts.items() if isinstance(v, (int, float, str, bool, type(None)))},
+                       "dtype": s.dtype}}
     save = functools.partial(save_training, args.out, model, optimizer, scaler, state, s, task.batches,
                              config=model.config, tokenizer=tokenizer, extra=extra,
                              tensors=(lambda: lora_state_dict(model)) if args.method == "lora" else None)

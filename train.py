@@ -1,9 +1,10 @@
 """Pretrain a GPT (causal LM) or a BERT (masked LM) on a text corpus.
 
-    python train.py                                   # small GPT on Python's own docs, ~3 min on a CPU
+    python train.py                                   # small GPT on Python's own docs, ~3 min on a CPU or a GPU
     python train.py --preset shakespeare-char --data ../shared/data/tinyshakespeare/input.txt
     python train.py --model bert --preset bert-cpu --tokenizer bpe --vocab-size 4096
     python train.py --out out/default --resume        # continue a run exactly where it stopped
+    python train.py --device cpu --dtype float32      # force the CPU (default: CUDA, then MPS, then CPU)
     torchrun --nproc_per_node=2 train.py --max-steps 200   # DistributedDataParallel
 
 Reads top to bottom: settings -> data -> model and optimizer -> the training loop (`train`,
@@ -23,8 +24,8 @@ from minillm.cli import add_bool, add_training_args, positive_int, run_main
 from minillm.config import ACTIVATIONS, BACKENDS, NORMS, POS_ENCODINGS, PRESETS, ModelConfig
 from minillm.data import DEFAULT_CORPUS, LMData, corpus_key, evaluate_lm, read_corpus, split, tokenize_corpus
 from minillm.device import (
-    autocast, can_compile, check_memory, evaluating, finish_distributed, flops_per_token, grad_sync,
-    measure_matmul_peak, seed_everything, setup_distributed, wrap_ddp,
+    autocast, can_compile, check_device_support, check_memory, evaluating, finish_distributed, flops_per_token,
+    grad_sync, measure_matmul_peak, resolve_dtype, seed_everything, setup_distributed, wrap_ddp,
 )
 from minillm.model import build_model
 from minillm.run_dir import RunDir, existing_run, keep_previous, lock, refuse_clash
@@ -51,12 +52,21 @@ RECIPES = {
 }
 for _name in PRESETS:
     RECIPES.setdefault(_name, dict(model=PRESETS[_name].arch, base=_name))
+# On a CUDA GPU these recipes replace the CPU ones of the same name: nanoGPT's character-level
+# Shakespeare model (6 layers x 384, context 256, dropout 0.2), compiled, in bfloat16 (--dtype auto).
+_GPU_GPT = dict(model="gpt", base="gpt-cpu", n_layer=6, n_head=6, n_embd=384, block_size=256, bias=False,
+                batch_size=64, lr=1e-3, warmup_steps=100, min_lr_ratio=0.1, beta2=0.99, weight_decay=0.1,
+                dropout=0.2, compile=True, eval_interval=250, eval_iters=200)
+GPU_RECIPES = {
+    "default": dict(_GPU_GPT, max_steps=100000, time_budget=150.0),  # the same three minutes as on a CPU
+    "shakespeare-char": dict(_GPU_GPT, max_steps=5000),  # nanoGPT's schedule: 5000 steps
+}
 
 DATA_DEFAULTS = dict(data=None, tokenizer="char", vocab_size=4096, val_fraction=0.1, sample_tokens=300)
 MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "n_inner", "block_size", "pos_encoding", "norm",
                "activation", "attention_backend", "dropout", "bias", "use_kernels", "chunked_ce")
 # What may differ in a resumed run: how it runs and reports, not what it computes.
-PER_INVOCATION = ("attention_backend", "use_kernels", "chunked_ce", "compile", "stop_at_step", "sample_tokens",
+PER_INVOCATION = ("device", "attention_backend", "use_kernels", "chunked_ce", "compile", "stop_at_step", "sample_tokens",
                   "log_interval", "eval_interval", "eval_iters", "ckpt_interval", "ckpt_seconds")
 
 
@@ -64,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help=f"recipe or model preset: {', '.join(sorted(RECIPES))} (default: default)")
     p.add_argument("--model", choices=["gpt", "bert"], help="causal LM (gpt) or masked LM (bert)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (default: auto: CUDA, then MPS, then CPU); "
+                                    "on a GPU the default and shakespeare-char recipes are GPU-sized")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="text file or folder of text files (default: Python's bundled docs)")
     g.add_argument("--tokenizer", help="char | bpe | path to a tokenizer.json / vocab.txt / checkpoint folder (default: char)")
@@ -85,9 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve(args, saved) -> dict:
-    """Flags over the recipe over the defaults; a resumed run takes its saved settings, and a
-    flag that contradicts them is refused."""
+def resolve(args, saved, device: torch.device) -> dict:
+    """Flags over the recipe (the GPU one on a CUDA device) over the defaults; a resumed run takes
+    its saved settings, and a flag that contradicts them is refused."""
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("out", "resume", "no_progress")}
     if given.get("data") not in (None, DEFAULT_CORPUS):  # a resumed run finds it from any folder
         given["data"] = os.path.abspath(given["data"])
@@ -99,8 +111,9 @@ def resolve(args, saved) -> dict:
     preset = given.get("preset", "default")
     if preset not in RECIPES:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(RECIPES)}")
-    recipe = RECIPES[preset]
-    opts = {**vars(TrainSettings()), **DATA_DEFAULTS, **recipe, "preset": preset, **given}
+    recipe = GPU_RECIPES[preset] if device.type == "cuda" and preset in GPU_RECIPES else RECIPES[preset]
+    opts = {**vars(TrainSettings()), **DATA_DEFAULTS, **recipe, "preset": preset, **given,
+            "recipe": preset + (" (gpu)" if recipe is GPU_RECIPES.get(preset) else "")}
     if PRESETS[recipe["base"]].arch != opts["model"]:  # e.g. --model bert on a GPT recipe
         opts["base"] = "gpt-cpu" if opts["model"] == "gpt" else "bert-cpu"
     if not 0.0 <= opts["val_fraction"] < 1.0:
@@ -124,11 +137,25 @@ def model_config(opts: dict, tokenizer, saved, resume: bool, out: str) -> ModelC
         return ModelConfig.from_dict(saved["model"]).replace(**runtime)
     overrides = {k: opts[k] for k in MODEL_FLAGS if opts.get(k) is not None}
     config = PRESETS[opts["base"]].replace(**overrides, vocab_size=tokenizer.vocab_size)
+    if config.arch == "bert":  # the masked-LM loss never reaches a pooler: build none (DDP wants a gradient for every weight)
+        config = config.replace(pooler=False)
     old = ModelConfig.from_dict(saved["model"]) if saved is not None else None
     if old is not None and old.shape() != config.shape():
         raise ValueError(f"{out} holds a checkpoint of another shape ({old.describe()}, not {config.describe()}); "
                          "pass --resume to continue it or choose another --out")
     return config
+
+
+def probe_step(model, data: LMData):
+    """One forward and backward on a batch of data's shape (random tokens; the data's position
+    is untouched), for --dtype auto to time on the CPU."""
+    g = torch.Generator().manual_seed(0)  # the global RNG (init, data order, dropout) stays untouched
+    x = torch.randint(model.config.vocab_size, (data.batch_size, data.block_size), generator=g).to(data.device)
+
+    def step():
+        model(x, x)[1].backward()
+        model.zero_grad(set_to_none=True)
+    return step
 
 
 def evaluate(model, data: LMData, s: TrainSettings) -> dict:
@@ -181,13 +208,14 @@ def train(model, data: LMData, optimizer, scaler, state: TrainState, s: TrainSet
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(args.device or "auto")
     log = print if rank == 0 else (lambda *a, **k: None)
     args.out = args.out or os.path.join("out", (args.preset or "default") + (f"-{args.model}" if args.model else ""))
     if rank == 0:
         lock(args.out)
     saved = existing_run(args.out, args.resume)
-    opts = resolve(args, saved if args.resume else None)
+    opts = resolve(args, saved if args.resume else None, device)
+    check_device_support(device, opts.get("use_kernels") or False, opts.get("attention_backend") or "auto")
     s = TrainSettings.from_options(opts)
     s.compile = s.compile and can_compile(device, log)
     seed_everything(s.seed)
@@ -208,8 +236,7 @@ def main(argv=None) -> int:
     # -- model and optimizer ---------------------------------------------------------------------
     model = build_model(config).to(device)
     model.gradient_checkpointing = s.activation_checkpointing
-    if config.arch == "bert":  # the masked-LM loss never reaches the pooler; DDP needs a gradient for every trainable weight
-        model.pooler.requires_grad_(False)
+    s.dtype = resolve_dtype(s.dtype, device, probe_step(model, data) if world == 1 else None, log)
     optimizer = make_optimizer(model, s)
     scaler = torch.amp.GradScaler(device.type, enabled=s.dtype == "float16")
     state = TrainState()
@@ -221,7 +248,7 @@ def main(argv=None) -> int:
     run = RunDir(args.out, rank == 0)
     run.start(state.step if args.resume else None)
     record = {"train": {**{k: v for k, v in opts.items() if isinstance(v, (int, float, str, bool, type(None)))},
-                        "data_key": data_key},
+                        "dtype": s.dtype, "data_key": data_key},  # auto resolved: a resumed run keeps it
               "task": "causal_lm" if config.arch == "gpt" else "masked_lm"}
     save = functools.partial(save_training, args.out, model, optimizer, scaler, state, s, data, config=config,
                              tokenizer=tokenizer, extra=record) if rank == 0 else (lambda: None)

@@ -5,7 +5,9 @@
     python -m benchmarks.flash_attention --json attn.json --plot attn.png
 
 For each backend, sequence length, head dim and causal flag it times the forward pass and the
-forward + backward pass (median over --reps runs) and converts to TFLOP/s:
+forward + backward pass (median and 20%/80% quantiles over --reps runs; on CUDA between CUDA
+events with the L2 cache flushed before each, see benchmarks/timing.py) and converts the
+median to TFLOP/s:
 
     forward FLOPs = 4 * B * H * T * T * D (halved when causal: half the scores are masked)
     forward + backward = 3.5 x forward (the backward pass does 2.5x the forward's matmul work)
@@ -17,7 +19,9 @@ are reported as needing a GPU: the interpreter's timings would mean nothing.
 
 Backends: `naive` = minillm's step-by-step attention (matmul, softmax, matmul, the full score
 matrix in memory); `sdpa` = torch.nn.functional.scaled_dot_product_attention with PyTorch's own
-dispatch (FlashAttention-2 for bf16 on recent GPUs); `triton` = kernels.flash_attention.
+dispatch (FlashAttention-2 for bf16 on recent GPUs); `sdpa-flash`, `sdpa-cudnn` = the same
+call held to one of PyTorch's backends (`torch.nn.attention.sdpa_kernel`; a backend that is
+absent or refuses the inputs gets a status, not a figure); `triton` = kernels.flash_attention.
 """
 from __future__ import annotations
 
@@ -25,13 +29,16 @@ import argparse
 import json
 import math
 import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.timing import cpu_name, median_ms
+from benchmarks.op_benchmark import triton_timeable
+from benchmarks.timing import Stats, device_name, time_ms
 
-BACKENDS = ("naive", "sdpa", "triton")
+BACKENDS = ("naive", "sdpa", "sdpa-flash", "sdpa-cudnn", "triton")
+SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GPU_SEQ_LENS = [2 ** i for i in range(7, 15)]  # 128 .. 16384
 CPU_SEQ_LENS = [2 ** i for i in range(7, 12)]  # 128 .. 2048
@@ -57,6 +64,8 @@ def attention_fn(backend: str):
         return lambda q, k, v, causal: scaled_dot_product_attention(q, k, v, is_causal=causal)
     if backend == "sdpa":
         return lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if backend in SDPA_BACKENDS:
+        return sdpa_held_to(SDPA_BACKENDS[backend])
     if backend == "triton":
         from kernels.flash_attention import flash_attention
 
@@ -64,61 +73,101 @@ def attention_fn(backend: str):
     raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
 
 
+def sdpa_held_to(name: str):
+    """SDPA allowed only one of PyTorch's backends; raises where this torch lacks it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not hasattr(SDPBackend, name):
+        raise ValueError(f"this torch ({torch.__version__}) has no SDPBackend.{name}")
+    backend = getattr(SDPBackend, name)
+
+    def attend(q, k, v, causal):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return attend
+
+
 def attention_flops(batch, heads, seq_len, head_dim, causal) -> float:
+    """Forward FLOPs: two (T x T x D) matmuls per head, 2 FLOPs a multiply-add; half when causal."""
     flops = 4.0 * batch * heads * seq_len * seq_len * head_dim
     return flops / 2 if causal else flops
 
 
+FWD_BWD_FACTOR = 3.5  # forward + backward = 1 + 2.5 forwards of matmul work
+
+
+def _put(row: dict, key: str, t: Stats) -> None:
+    row[key], row[key + "_p20"], row[key + "_p80"] = t.median, t.p20, t.p80
+
+
 def bench_one(backend, batch, heads, seq_len, head_dim, causal, dtype, device, reps, warmup):
-    """Times one configuration; returns a result row (status 'ok', 'OOM' or an error)."""
+    """Times one configuration; returns a result row (status 'ok', 'OOM' or 'n/a: why')."""
     row = dict(backend=backend, seq_len=seq_len, head_dim=head_dim, causal=causal,
                dtype=str(dtype).replace("torch.", ""), batch=batch, heads=heads,
                fwd_ms=None, fwd_tflops=None, fwd_bwd_ms=None, fwd_bwd_tflops=None, status="ok")
-    fn = attention_fn(backend)
-    shape = (batch, heads, seq_len, head_dim)
-    try:
-        q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-        do = torch.randn(shape, device=device, dtype=dtype)
-
-        def forward():
-            with torch.no_grad():
-                fn(q, k, v, causal)
-
-        def forward_backward():
-            q.grad = k.grad = v.grad = None
-            fn(q, k, v, causal).backward(do)
-
-        flops = attention_flops(batch, heads, seq_len, head_dim, causal)
-        row["fwd_ms"] = median_ms(forward, device, reps, warmup)
-        row["fwd_tflops"] = flops / (row["fwd_ms"] * 1e-3) / 1e12
-        row["fwd_bwd_ms"] = median_ms(forward_backward, device, reps, warmup)
-        row["fwd_bwd_tflops"] = 3.5 * flops / (row["fwd_bwd_ms"] * 1e-3) / 1e12
-    except torch.OutOfMemoryError:
-        row["status"] = "OOM"
-    except (RuntimeError, ValueError) as e:
-        row["status"] = f"error: {str(e).splitlines()[0][:80]}"
-    finally:
-        q = k = v = do = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    if backend == "sdpa-cudnn" and device.type != "cuda":
+        row["status"] = "n/a: cuDNN attention needs a CUDA GPU"
+        return row
+    if backend == "triton" and not triton_timeable(device):  # else it would time the reference fallback
+        row["status"] = "n/a: Triton runs natively only on a CUDA GPU"
+        return row
+    # An SDPA backend that refuses the inputs says why in warnings, then raises "no viable backend".
+    with warnings.catch_warnings(record=True) as refusals:
+        try:
+            _time_attention(row, attention_fn(backend), dtype, device, reps, warmup)
+        except torch.cuda.OutOfMemoryError:
+            row["status"] = "OOM"
+        except (RuntimeError, ValueError) as e:
+            reason = next((str(w.message) for w in refusals), str(e)).strip()
+            row["status"] = f"n/a: {reason.splitlines()[0][:70]}"
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return row
 
 
+def _time_attention(row, fn, dtype, device, reps, warmup) -> None:
+    """Fills row's timings and TFLOP/s for fn at row's shape."""
+    batch, heads, seq_len, head_dim, causal = (row[k] for k in ("batch", "heads", "seq_len", "head_dim", "causal"))
+    shape = (batch, heads, seq_len, head_dim)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    do = torch.randn(shape, device=device, dtype=dtype)
+
+    def forward():
+        with torch.no_grad():
+            fn(q, k, v, causal)
+
+    def forward_backward():
+        q.grad = k.grad = v.grad = None
+        fn(q, k, v, causal).backward(do)
+
+    flops = attention_flops(batch, heads, seq_len, head_dim, causal)
+    _put(row, "fwd_ms", time_ms(forward, device, reps, warmup))
+    row["fwd_tflops"] = flops / (row["fwd_ms"] * 1e-3) / 1e12
+    _put(row, "fwd_bwd_ms", time_ms(forward_backward, device, reps, warmup))
+    row["fwd_bwd_tflops"] = FWD_BWD_FACTOR * flops / (row["fwd_bwd_ms"] * 1e-3) / 1e12
+
+
 def format_table(rows) -> str:
+    """The rows as a table; times are "median (20%-80%)" in ms."""
     header = ["backend", "T", "D", "causal", "B", "H", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms",
               "fwd+bwd TFLOP/s", "status"]
 
     def num(x, fmt):
         return "-" if x is None else format(x, fmt)
 
+    def ms(r, key):
+        return "-" if r[key] is None else f"{r[key]:.3f} ({r[key + '_p20']:.3f}-{r[key + '_p80']:.3f})"
+
     lines = [[r["backend"], str(r["seq_len"]), str(r["head_dim"]), "yes" if r["causal"] else "no",
-              str(r["batch"]), str(r["heads"]), num(r["fwd_ms"], ".3f"), num(r["fwd_tflops"], ".4g"),
-              num(r["fwd_bwd_ms"], ".3f"), num(r["fwd_bwd_tflops"], ".4g"), r["status"]]
+              str(r["batch"]), str(r["heads"]), ms(r, "fwd_ms"), num(r["fwd_tflops"], ".4g"),
+              ms(r, "fwd_bwd_ms"), num(r["fwd_bwd_tflops"], ".4g"), r["status"]]
              for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
               for i, h in enumerate(header)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i in (0, 10) else c.rjust(w)
-                                  for i, (c, w) in enumerate(zip(cells, widths)))
+                                  for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines])
 
 
@@ -164,7 +213,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     parser.add_argument("--batch", type=int, help="default 16384 // T on CUDA, 1 on CPU")
     parser.add_argument("--heads", type=int, help="default 2048 // D on CUDA, 4 on CPU")
-    parser.add_argument("--reps", type=int, help="timed runs per figure (median; default 20 CUDA, 5 CPU)")
+    parser.add_argument("--reps", type=int,
+                        help="timed runs per figure (median, 20%%/80%% quantiles; default 20 CUDA, 5 CPU)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs first")
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default cuda when available")
     parser.add_argument("--json", metavar="FILE", help="write the figures to FILE as JSON")
@@ -196,12 +246,10 @@ def main(argv=None) -> int:
             backends.remove("triton")
             notes.append("triton: not run under TRITON_INTERPRET=1 (interpreter timings mean nothing).")
 
-    if on_gpu:
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        device_name = f"CPU ({cpu_name()}, {torch.get_num_threads()} threads)"
-    print(f"# attention benchmark on {device_name}, {str(dtype).replace('torch.', '')}, "
-          f"median of {reps} runs, torch {torch.__version__}")
+    name = device_name(device)
+    how = "CUDA events, L2 flushed" if on_gpu else "wall clock"
+    print(f"# attention benchmark on {name}, {str(dtype).replace('torch.', '')}, "
+          f"median (20%-80%) of {reps} runs ({how}), torch {torch.__version__}")
     for note in notes:
         print(f"# {note}")
 
@@ -222,11 +270,11 @@ def main(argv=None) -> int:
 
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device_name, "dtype": str(dtype).replace("torch.", ""),
+            json.dump({"device": name, "dtype": str(dtype).replace("torch.", ""),
                        "torch": torch.__version__, "reps": reps, "notes": notes, "rows": rows},
                       f, indent=1)
     if args.plot:
-        plot(rows, args.plot, f"attention, {device_name}, {str(dtype).replace('torch.', '')}")
+        plot(rows, args.plot, f"attention, {name}, {str(dtype).replace('torch.', '')}")
     return 0
 
 

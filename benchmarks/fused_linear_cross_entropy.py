@@ -5,63 +5,48 @@
 Sizes are NxCxV (tokens x hidden x vocabulary). The plain path is
 `F.cross_entropy(F.linear(hidden, weight).float(), targets)`; the chunked path is
 `kernels.fused_linear_cross_entropy` (on CUDA its per-chunk softmax is our Triton kernel; on
-the CPU it is plain PyTorch too, so both CPU rows are PyTorch). TFLOP/s counts the three
-matmuls, 6 * N * C * V for forward + backward (the chunked path does them all in its forward)
-and 2 * N * C * V for the loss alone. On CUDA the peak memory of forward + backward is also
-shown; for the CPU memory comparison run `python -m benchmarks.ce_memory`.
+the CPU it is plain PyTorch too, so both CPU rows are PyTorch). The op is compute-bound, so
+TFLOP/s is the figure to read: it counts the three matmuls, 6 * N * C * V for forward +
+backward (the chunked path does them all in its forward) and 2 * N * C * V for the loss alone.
+GB/s counts what an implementation that never writes the logits must move: hidden and weight
+read and the int64 targets (loss), plus dhidden and dweight written (forward + backward).
+On CUDA the peak memory of forward + backward is also shown; for the CPU memory comparison
+run `python -m benchmarks.ce_memory`.
 """
-import argparse
-
 import torch
 
-from benchmarks.timing import add_common_args, header, median_ms, parse_sizes, resolve, table
+from benchmarks.op_benchmark import FUSED, OpCase, run_cli
 from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 
 SIZES = {"cuda": "8192x768x50257,8192x4096x128256", "cpu": "1024x768x50257"}
 
 
+def flops(n: int, c: int, v: int) -> dict[str, float]:
+    return {"loss": 2.0 * n * c * v, "fwd+bwd": 6.0 * n * c * v}
+
+
+def bytes_moved(n: int, c: int, v: int, element_size: int) -> dict[str, int]:
+    tensors, targets = (n * c + v * c) * element_size, n * 8
+    return {"loss": tensors + targets, "fwd+bwd": 2 * tensors + targets}
+
+
+def case(size, device, dtype, chunk_size=None) -> OpCase:
+    n, c, v = size
+    hidden = torch.randn(n, c, device=device, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(v, c, device=device, dtype=dtype) * c**-0.5).requires_grad_()
+    targets = torch.randint(0, v, (n,), device=device)
+    return OpCase({"N": n, "C": c, "V": v}, [hidden, weight, targets],
+                  lambda h, w, t: fused_linear_cross_entropy(h, w, t, chunk_size=chunk_size),
+                  fused_linear_cross_entropy_reference, bytes_moved(n, c, v, hidden.element_size()),
+                  passes=FUSED, flops=flops(n, c, v), peak_memory=True,
+                  kernel_name="chunked", reference_name="plain", kernel_on_cpu=True)
+
+
 def main(argv=None):
-    p = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
-    p.add_argument("--sizes", help="NxCxV[,...] tokens x hidden x vocabulary")
-    p.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: automatic)")
-    args = p.parse_args(argv)
-    device, dtype, reps = resolve(args)
-    if args.reps is None and device.type == "cpu":
-        reps, args.warmup = 3, 1  # seconds per repetition on a CPU
-    header("fused linear + cross-entropy (chunked) vs plain", device, dtype)
-    if device.type != "cuda":
-        print("(On the CPU the chunked path runs in plain PyTorch: both rows are PyTorch.)")
-    rows = []
-    cuda = device.type == "cuda"
-    for n, c, v in parse_sizes(args.sizes or SIZES[device.type]):
-        hidden = torch.randn(n, c, device=device, dtype=dtype, requires_grad=True)
-        weight = (torch.randn(v, c, device=device, dtype=dtype) * c**-0.5).requires_grad_()
-        targets = torch.randint(0, v, (n,), device=device)
-        flops = 2 * n * c * v
-        impls = [("chunked" + ("" if cuda else " (torch)"),
-                  lambda h, w, t: fused_linear_cross_entropy(h, w, t, chunk_size=args.chunk_size)),
-                 ("plain", fused_linear_cross_entropy_reference)]
-        for impl, fn in impls:
-            def loss_only():
-                with torch.no_grad():
-                    return fn(hidden, weight, targets)
-
-            def forward_backward():
-                return torch.autograd.grad(fn(hidden, weight, targets), (hidden, weight))
-
-            fwd = median_ms(loss_only, device, reps, args.warmup)
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            both = median_ms(forward_backward, device, reps, args.warmup)
-            row = {"impl": impl, "N": n, "C": c, "V": v, "loss ms": fwd, "loss TFLOP/s": flops / fwd / 1e9,
-                   "fwd+bwd ms": both, "fwd+bwd TFLOP/s": 3 * flops / both / 1e9}
-            if cuda:
-                row["peak MiB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-            rows.append(row)
-    columns = ["impl", "N", "C", "V", "loss ms", "loss TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s"]
-    table(rows, columns + (["peak MiB"] if cuda else []), args.json)
+    return run_cli(__doc__, "fused linear + cross-entropy (chunked) vs plain", case, SIZES,
+                   argv, cpu_reps=3,
+                   add_args=lambda p: p.add_argument("--chunk-size", type=int, help="tokens per chunk (default: automatic)"),
+                   options=lambda args: {"chunk_size": args.chunk_size})
 
 
 if __name__ == "__main__":

@@ -1,19 +1,23 @@
 """Rotary embedding of q and k, forward and backward: our one-launch Triton kernel vs the
 "rotate half" formulation in PyTorch (as in Hugging Face Llama), in GB/s.
 
-    python -m benchmarks.rotary [--sizes 8x32x2048x128] [--kv-heads 8] [--dtype bfloat16]
+    python -m benchmarks.rotary [--sizes 8x32x2048x128] [--kv-heads 8] [--dtype bfloat16] [--compile]
 
 Sizes are BxHxTxD for q; k has --kv-heads heads (default: as many as q). GB/s counts the
-bytes moved: q and k read and written once each (cos/sin are negligible), both ways.
+bytes moved: q and k read and written once each, both ways (the cos/sin tables, T x D/2
+each, are negligible and not counted).
 """
-import argparse
-
 import torch
 
-from benchmarks.timing import add_common_args, forward_backward_ms, header, implementations, parse_sizes, resolve, table
+from benchmarks.op_benchmark import OpCase, run_cli
 from kernels.rotary import apply_rotary
 
 SIZES = {"cuda": "8x12x1024x64,8x32x2048x128", "cpu": "4x12x512x64"}
+
+
+def bytes_moved(q_numel: int, k_numel: int, element_size: int) -> dict[str, int]:
+    both_ways = 2 * (q_numel + k_numel) * element_size
+    return {"fwd": both_ways, "bwd": both_ways}
 
 
 def rotate_half_torch(q, k, cos, sin):
@@ -28,26 +32,20 @@ def rotate_half_torch(q, k, cos, sin):
     return rot(q), rot(k)
 
 
+def case(size, device, dtype, kv_heads=None) -> OpCase:
+    b, h, t, d = size
+    hk = kv_heads or h
+    q = torch.randn(b, h, t, d, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(b, hk, t, d, device=device, dtype=dtype, requires_grad=True)
+    angles = torch.rand(t, d // 2, device=device) * 6.3
+    return OpCase({"B": b, "H": h, "Hkv": hk, "T": t, "D": d}, [q, k, angles.cos(), angles.sin()],
+                  apply_rotary, rotate_half_torch, bytes_moved(q.numel(), k.numel(), q.element_size()))
+
+
 def main(argv=None):
-    p = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
-    p.add_argument("--sizes", help="BxHxTxD[,...] for q")
-    p.add_argument("--kv-heads", type=int, default=None, help="heads of k (default: as q)")
-    args = p.parse_args(argv)
-    device, dtype, reps = resolve(args)
-    header("apply_rotary (q and k) forward/backward", device, dtype)
-    rows = []
-    for b, h, t, d in parse_sizes(args.sizes or SIZES[device.type]):
-        hk = args.kv_heads or h
-        q = torch.randn(b, h, t, d, device=device, dtype=dtype, requires_grad=True)
-        k = torch.randn(b, hk, t, d, device=device, dtype=dtype, requires_grad=True)
-        angles = torch.rand(t, d // 2, device=device) * 6.3
-        cos, sin = angles.cos(), angles.sin()
-        nbytes = 2 * (q.numel() + k.numel()) * q.element_size()
-        for impl, fn in implementations(device, apply_rotary, rotate_half_torch):
-            fwd, bwd = forward_backward_ms(fn, [q, k, cos, sin], device, reps, args.warmup)
-            rows.append({"impl": impl, "B": b, "H": h, "Hkv": hk, "T": t, "D": d, "fwd ms": fwd,
-                         "fwd GB/s": nbytes / fwd / 1e6, "bwd ms": bwd, "bwd GB/s": nbytes / bwd / 1e6})
-    table(rows, ["impl", "B", "H", "Hkv", "T", "D", "fwd ms", "fwd GB/s", "bwd ms", "bwd GB/s"], args.json)
+    return run_cli(__doc__, "apply_rotary (q and k) forward/backward", case, SIZES, argv,
+                   add_args=lambda p: p.add_argument("--kv-heads", type=int, help="heads of k (default: as q)"),
+                   options=lambda args: {"kv_heads": args.kv_heads})
 
 
 if __name__ == "__main__":

@@ -14,12 +14,24 @@ Every op file has one layout: the ``@triton.jit`` kernels, module-level launcher
 ``torch.autograd.Function`` that only calls the launchers, the plain-PyTorch reference, the
 input checks, the public op (which falls back to the reference where Triton cannot run) and
 ``compile_specs``. What several ops share (row launches, the row view) lives here.
+
+Each op is registered with ``torch.library.custom_op`` (namespace ``minillm``), with a fake
+(shape-only) implementation and its autograd formula, so ``torch.compile`` traces a model that
+uses the kernels as one graph instead of breaking at every layer; `minillm::<op>` appears in
+its graph as one opaque node.
+
+Launch configurations: one reasoned default per kernel (and width or dtype where it matters),
+checked by the compile report. No kernel here is autotuned: the elementwise and row kernels
+are bound by memory traffic, where the configuration that keeps enough loads in flight without
+spilling (what the report checks) is the one to have; `@triton.autotune` needs a GPU to
+measure, and the interpreter can only run one configuration.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -57,18 +69,45 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# MINILLM_FORCE_FALLBACK=1 makes every op take its PyTorch reference, as on a machine where
+# Triton cannot run: tests/test_kernel_fallback.py runs the kernel tests so, to prove that they
+# notice a silent fallback.
+FORCE_FALLBACK = os.environ.get("MINILLM_FORCE_FALLBACK", "0") == "1"
+
+
 def triton_usable(*tensors) -> bool:
     """True when the Triton kernels can run on these tensors (CUDA, or the interpreter)."""
-    if not HAS_TRITON:
+    if not HAS_TRITON or FORCE_FALLBACK:
         return False
     if INTERPRET:
         return True
     return all(t.is_cuda for t in tensors)
 
 
-# Row kernels (one program per row, as the norms) hold a whole row in registers; wider rows
-# use the op's PyTorch reference.
-MAX_FUSED_SIZE = 65536
+def device_guard(t: torch.Tensor):
+    """The context to launch a kernel on t in: Triton launches on the *current* CUDA device, so a
+    tensor on cuda:1 would hand GPU 1 pointers to a kernel running on GPU 0. A no-op on the CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def refuse_double_backward(op: str):
+    """Raise when autograd runs a backward with create_graph=True (grad mode is on only then):
+    the kernels' backward is not differentiable, and without this the second-order gradient
+    would silently be missing or wrong."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: double backward (create_graph=True) is not supported by the Triton "
+                           f"kernel; use the PyTorch reference for higher-order gradients")
+
+
+# The largest grid CUDA launches: 2**31 - 1 programs on axis 0, 65,535 on axes 1 and 2. Every
+# launcher here puts its large count (rows, elements) on axis 0.
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+# Row kernels (one program per row, as the norms) hold a whole row in registers, and their
+# backward keeps five row vectors live: up to 8,192 columns (16 values a thread at 16 warps)
+# that fits without spilling on sm_80/sm_90 (the compile report checks this width); at 16,384
+# it spills. Wider rows use the op's PyTorch reference.
+MAX_FUSED_SIZE = 8192
 
 
 def row_launch_config(n: int) -> tuple[int, int]:
@@ -150,7 +189,9 @@ class CompileSpec:
 
     `signature` maps every non-constexpr argument name to a Triton type string
     ("*fp16", "*fp32", "i32", "fp32", ...); `constexprs` maps constexpr argument
-    names to values. `min_arch` skips targets the kernel is not meant for.
+    names to values. `min_arch` skips targets the kernel is not meant for. `tensor_core_op`
+    names the tensor-core instruction the report expects when it is not the target's usual one
+    (sm_90's wgmma, HGMMA, needs tiles of at least 64 rows: a 16-row decode tile uses HMMA).
     """
 
     name: str
@@ -160,3 +201,4 @@ class CompileSpec:
     num_warps: int = 4
     num_stages: int = 3
     min_arch: int = 80
+    tensor_core_op: Optional[str] = None

@@ -15,21 +15,30 @@ One program handles one row in two passes over V in blocks: the first keeps an o
 no softmax tensor is ever stored; the second re-reads the row and writes dx. Because the
 gradient is ready when the forward ends, the backward only multiplies it by grad_output.
 
-Memory: `cross_entropy` writes dlogits into a new buffer of the logits' dtype, so the
-caller's logits are never modified (they may be saved by another op's backward). Callers
-that own their logits (the chunked linear + cross-entropy) use `loss_and_dlogits(...,
-out=logits)` to overwrite them in place, which the kernel allows: each element is read
-before the same program writes it.
+Memory: `cross_entropy` writes dlogits into a new buffer, so the caller's logits are never
+modified (they may be saved by another op's backward). Callers that own their logits (the
+chunked linear + cross-entropy) use `loss_and_dlogits(..., out=logits)` to overwrite them in
+place, which the kernel allows: each element is read before the same program writes it.
+
+The stored dlogits have the logits' dtype, except float16: there they are float32. They are
+already divided by the number of tokens, and the loss scale (the GradScaler's grad_output,
+e.g. 65,536) only arrives in the backward: softmax / 8,192 tokens is below float16's smallest
+subnormal (6e-8) for every probability under 5e-4, so in float16 most of the gradient would
+flush to zero before the scale could lift it. bfloat16 has float32's range.
 
 The loss is float32 whatever the logits' dtype, as torch gives under autocast (which runs
 cross-entropy in float32).
+
+Not autotuned: the kernel streams each row twice, and an 8192-wide block at 16 warps keeps
+enough loads in flight without spilling (compile report); a GPU run could still time 4096/8
+against it (`python -m benchmarks.cross_entropy`) before adding `triton.autotune`.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from kernels import CompileSpec, tl, triton, triton_usable
+from kernels import CompileSpec, device_guard, refuse_double_backward, tl, triton, triton_usable
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -92,6 +101,11 @@ def _cross_entropy_fwd_kernel(
             tl.store(dx_ptr + offs, (g * scale).to(DLogits.dtype.element_ty), mask=mask)
 
 
+def grad_dtype(logits_dtype: torch.dtype) -> torch.dtype:
+    """The dtype dlogits are stored in between forward and backward (see the module docstring)."""
+    return torch.float32 if logits_dtype == torch.float16 else logits_dtype
+
+
 def _launch_config(v: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps): 8192-wide blocks (16 values a thread at 16 warps) keep enough
     loads in flight to stream a 50k-wide row without spilling."""
@@ -128,7 +142,7 @@ def _loss_and_dlogits_reference(logits, targets, ignore_index, label_smoothing, 
         if g.data_ptr() != out.data_ptr():
             out.copy_(g)
         return loss, out
-    return loss, g.to(logits.dtype)
+    return loss, g.to(grad_dtype(logits.dtype))
 
 
 def loss_and_dlogits(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
@@ -139,7 +153,8 @@ def loss_and_dlogits(logits: torch.Tensor, targets: torch.Tensor, *, ignore_inde
     The launcher of the kernel, shared with the chunked linear + cross-entropy.
     `grad_scale` is a one-element float32 tensor (1 / number of valid rows, for a mean) kept
     on the device so that no host synchronisation is needed; `out` receives dlogits and may
-    be `logits` itself. Uses the Triton kernel where it can run, PyTorch otherwise.
+    be `logits` itself (otherwise dlogits are new, in `grad_dtype(logits.dtype)`). Uses the
+    Triton kernel where it can run, PyTorch otherwise.
     """
     if grad_scale is None:
         grad_scale = torch.ones((), dtype=torch.float32, device=logits.device)
@@ -155,16 +170,28 @@ def loss_and_dlogits(logits: torch.Tensor, targets: torch.Tensor, *, ignore_inde
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     dlogits = None
     if write_grad:
-        dlogits = out if out is not None else torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+        dlogits = out if out is not None else torch.empty((n, v), dtype=grad_dtype(logits.dtype),
+                                                          device=logits.device)
     block, warps = _launch_config(v)
     if n > 0:
-        _cross_entropy_fwd_kernel[(n,)](
-            logits, dlogits if write_grad else logits, targets, loss,
-            grad_scale.to(torch.float32).reshape(1),
-            logits.stride(0), dlogits.stride(0) if write_grad else 0, v, ignore_index, float(label_smoothing),
-            HAS_SMOOTHING=label_smoothing > 0, WRITE_GRAD=write_grad, BLOCK_V=block, num_warps=warps,
-        )
+        with device_guard(logits):
+            _launch(logits, dlogits, targets, loss, grad_scale, v, ignore_index, label_smoothing, write_grad,
+                    block, warps)
     return loss, dlogits
+
+
+def _grid(n: int) -> tuple[int]:
+    """One program per row, on grid axis 0 (up to 2**31 - 1)."""
+    return (n,)
+
+
+def _launch(logits, dlogits, targets, loss, grad_scale, v, ignore_index, label_smoothing, write_grad, block, warps):
+    _cross_entropy_fwd_kernel[_grid(logits.shape[0])](
+        logits, dlogits if write_grad else logits, targets, loss,
+        grad_scale.to(torch.float32).reshape(1),
+        logits.stride(0), dlogits.stride(0) if write_grad else 0, v, ignore_index, float(label_smoothing),
+        HAS_SMOOTHING=label_smoothing > 0, WRITE_GRAD=write_grad, BLOCK_V=block, num_warps=warps,
+    )
 
 
 def _forward(logits, targets, ignore_index, label_smoothing, reduction, write_grad):
@@ -184,33 +211,51 @@ def _forward(logits, targets, ignore_index, label_smoothing, reduction, write_gr
     return loss, dlogits
 
 
-def _backward(dlogits, grad_output, reduction):
-    """dlogits times grad_output (a scalar, or (N,) for reduction="none"), in place: dlogits
-    is the forward's own buffer, so no second (N, V) tensor is allocated."""
+def _backward(dlogits, grad_output, reduction, logits_dtype):
+    """dlogits times grad_output (a scalar, or (N,) for reduction="none"), in the logits' dtype.
+
+    Out of place, so the backward's peak is two (N, V) buffers, as torch's own (the saved
+    log-softmax and the gradient): scaling the saved dlogits in place would save one, but AOT
+    autograd (torch.compile, torch.library.opcheck) refuses a backward that mutates a tensor
+    saved by the forward."""
     if reduction == "none":
-        return dlogits.mul_(grad_output[:, None].to(dlogits.dtype))
-    return dlogits.mul_(grad_output.to(dlogits.dtype))
+        grad_output = grad_output[:, None]
+    return (dlogits * grad_output.to(dlogits.dtype)).to(logits_dtype)
 
 
-class _CrossEntropyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, ignore_index, label_smoothing, reduction, grad_enabled):
-        # needs_input_grad ignores torch.no_grad(), so the caller passes whether grad mode is on.
-        loss, dlogits = _forward(logits, targets, ignore_index, label_smoothing, reduction,
-                                 write_grad=grad_enabled and ctx.needs_input_grad[0])
-        ctx.save_for_backward(dlogits)
-        ctx.reduction = reduction
-        ctx.used = False
-        return loss
+# A torch.library custom op (see kernels/__init__.py): one opaque node for torch.compile. It
+# returns the loss and the already-scaled dlogits (an empty tensor when no gradient is wanted);
+# the backward only multiplies the latter by grad_output.
+@torch.library.custom_op("minillm::cross_entropy", mutates_args=(),
+                         schema="(Tensor logits, Tensor targets, int ignore_index, float label_smoothing, "
+                                "str reduction, bool write_grad) -> (Tensor, Tensor)")
+def _cross_entropy_op(logits, targets, ignore_index, label_smoothing, reduction, write_grad):
+    _check_targets("cross_entropy", targets, logits.shape[1], ignore_index)
+    loss, dlogits = _forward(logits, targets, ignore_index, label_smoothing, reduction, write_grad)
+    return loss, dlogits if write_grad else logits.new_empty(0)
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        if ctx.used:
-            raise RuntimeError("cross_entropy: the stored gradient is scaled in place by the first "
-                               "backward, so backward through it twice (retain_graph) is not supported")
-        ctx.used = True
-        (dlogits,) = ctx.saved_tensors
-        return _backward(dlogits, grad_output, ctx.reduction), None, None, None, None, None
+
+@_cross_entropy_op.register_fake
+def _(logits, targets, ignore_index, label_smoothing, reduction, write_grad):
+    loss = logits.new_empty(targets.shape if reduction == "none" else (), dtype=torch.float32)
+    dlogits = logits.new_empty(logits.shape if write_grad else (0,), dtype=grad_dtype(logits.dtype))
+    return loss, dlogits
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.reduction = inputs[4]
+    ctx.logits_dtype = inputs[0].dtype
+
+
+def _autograd_backward(ctx, grad_output, _):
+    refuse_double_backward("cross_entropy")
+    (dlogits,) = ctx.saved_tensors
+    return _backward(dlogits, grad_output, ctx.reduction, ctx.logits_dtype), None, None, None, None, None
+
+
+_cross_entropy_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
@@ -236,13 +281,18 @@ def _check(logits, targets, ignore_index, label_smoothing, reduction):
         raise ValueError(f"cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+
+
+def _check_targets(name, targets, v, ignore_index):
+    """Refuse targets outside [0, v) that are not ignore_index. Called inside the custom ops,
+    where the values are real even under torch.compile (reading them in the traced code would
+    break the graph). Cheap on the CPU; on a GPU it would cost a synchronisation, so there (as
+    in torch) an out-of-range target gives an undefined loss instead."""
     if not targets.is_cuda and targets.numel() > 0:
-        # Cheap on the CPU; on a GPU it would cost a synchronisation, so there (as in torch) an
-        # out-of-range target gives an undefined loss instead.
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= logits.shape[1]))
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= v))
         if bool(bad.any()):
-            raise ValueError(f"cross_entropy: target {int(targets[bad][0])} is out of range for "
-                             f"{logits.shape[1]} classes (and is not ignore_index={ignore_index})")
+            raise ValueError(f"{name}: target {int(targets[bad][0])} is out of range for {v} classes "
+                             f"(and is not ignore_index={ignore_index})")
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
@@ -254,9 +304,11 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     """
     _check(logits, targets, ignore_index, label_smoothing, reduction)
     if not triton_usable(logits, targets):
+        _check_targets("cross_entropy", targets, logits.shape[1], ignore_index)
         return cross_entropy_reference(logits, targets, ignore_index, label_smoothing, reduction)
-    return _CrossEntropyFunction.apply(logits, targets, int(ignore_index), float(label_smoothing), reduction,
-                                       torch.is_grad_enabled())
+    # requires_grad ignores torch.no_grad(): ask grad mode too before computing a gradient.
+    write_grad = torch.is_grad_enabled() and logits.requires_grad
+    return _cross_entropy_op(logits, targets, int(ignore_index), float(label_smoothing), reduction, write_grad)[0]
 
 
 def compile_specs() -> list[CompileSpec]:

@@ -13,6 +13,11 @@ can recompute the probabilities tile by tile from q, k and the LSE:
 
 Every gradient is written by exactly one program (no atomics), so results are deterministic.
 
+Decoding (a few new queries against a KV cache, Tq <= 16) runs the same forward kernel with a
+16-row query tile (the fewest rows `tl.dot` takes) instead of a 128-row one, and, since B * H such
+tiles are too few to fill a GPU, splits each tile's keys over several programs (flash-decoding):
+each writes its partial output and LSE, and `_attn_fwd_combine` merges them.
+
 What the kernels cover:
 - causal or not; causal masking is aligned bottom-right: query i sees key j iff
   j <= i + (Tk - Tq), so a one-token query against a KV cache sees every key;
@@ -28,10 +33,15 @@ What the kernels cover:
 Rows that see no key at all (Tq > Tk under causal masking, or kv_lens[b] == 0) give output 0,
 LSE = -inf (the sentinel for "no visible key"), and zero gradients.
 
+The forward and backward launchers are registered as `torch.library` custom ops, so
+`torch.compile(fullgraph=True)` traces through `flash_attention` without a graph break. Double
+backward (gradients of gradients) is not implemented and raises.
+
 Shapes throughout: q (B, H, Tq, D); k, v (B, Hkv, Tk, D); lse (B, H, Tq).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from dataclasses import dataclass
@@ -54,6 +64,27 @@ _MAX_HEAD_DIM = 256
 # Key ranges are split in two loops: tiles every query of the tile can fully see (no mask
 # arithmetic at all), then the few tiles that need masking (the causal diagonal, the ragged
 # tail, padded keys). Tiles no query can see are never visited.
+# Grids are (tiles, B, heads): the tiles of one head are launched side by side, so they read
+# that head's keys and values while these are still in L2; batch and head take an axis each
+# (up to 65,535 on axes 1 and 2) rather than B * H one axis, which a batch of 2,048 with 32
+# heads would overflow. (A 1-D grid with a division would lift every limit, but its extra
+# registers make the sm_80 backward kernels, at 255 registers, spill.)
+
+
+@triton.jit
+def _program(BLOCK: tl.constexpr):
+    """(b, head, first row of the tile) of this program in a (tiles, B, heads) grid."""
+    return tl.program_id(1), tl.program_id(2), tl.program_id(0) * BLOCK
+
+
+@triton.jit
+def _rows(base, start, offs, stride_t, offs_d):
+    """Pointers to rows start + offs (columns offs_d) of a matrix with row stride stride_t.
+
+    start * stride_t is taken in int64: at long contexts it passes 2**31 (a row of a fused
+    (B, T, 3C) qkv projection is 3C elements apart, so T * 3C does at T = 175k, C = 4096),
+    while the offsets inside one tile stay small and cheap in int32."""
+    return base + tl.cast(start, tl.int64) * stride_t + (offs[:, None] * stride_t + offs_d[None, :])
 
 
 @triton.jit
@@ -121,9 +152,9 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, start_n, o
               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One step of the online softmax: fold the key/value tile at start_n into (acc, l_i, m_i)."""
     offs_kn = start_n + offs_n
-    k = _load_tile(k_base + offs_kn[:, None] * stride_kt + offs_d[None, :], offs_kn, kv_len,
+    k = _load_tile(_rows(k_base, start_n, offs_n, stride_kt, offs_d), offs_kn, kv_len,
                    offs_d, HEAD_DIM, BLOCK_D, MASKED)
-    v = _load_tile(v_base + offs_kn[:, None] * stride_vt + offs_d[None, :], offs_kn, kv_len,
+    v = _load_tile(_rows(v_base, start_n, offs_n, stride_vt, offs_d), offs_kn, kv_len,
                    offs_d, HEAD_DIM, BLOCK_D, MASKED)
     if UPCAST:
         k = k.to(tl.float32)
@@ -152,28 +183,36 @@ def _attn_fwd(
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
-    stride_ob, stride_oh, stride_ot,
-    H, Tq, Tk, qk_scale,
+    stride_os, stride_ob, stride_oh, stride_ot, stride_ls,
+    H, Tq, Tk, qk_scale, keys_per_split,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Grid (cdiv(Tq, BLOCK_M), B * H): one tile of queries of one head."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    """Grid (n_splits * cdiv(Tq, BLOCK_M), B, H): one tile of queries of one head, over the
+    keys [split * keys_per_split, (split + 1) * keys_per_split) (a multiple of BLOCK_N).
+
+    With one split, O (B, H, Tq, D) and LSE (B, H, Tq) receive the result. With several, O and
+    LSE hold one partial result per split (stride_os and stride_ls apart): each is the
+    attention over that split's keys alone, which `_attn_fwd_combine` merges."""
+    n_tiles = tl.cdiv(Tq, BLOCK_M)
+    split = tl.program_id(0) // n_tiles
+    start_m = tl.program_id(0) % n_tiles * BLOCK_M
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    bh = b * H + h
     hk = h // GROUP
     kv_len = _kv_len(KV_LENS, b, Tk, HAS_KV_LENS)
     causal_offset = Tk - Tq
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_m0
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh \
-        + offs_m[:, None] * stride_qt + offs_d[None, :]
-    q = _load_tile(q_ptrs, offs_m, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    q = _load_tile(_rows(q_base, start_m, offs_m0, stride_qt, offs_d), offs_m, Tq, offs_d,
+                   HEAD_DIM, BLOCK_D, True)
     if UPCAST:
         q = q.to(tl.float32)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
@@ -184,11 +223,15 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     full_end, end = _key_range(start_m, Tq, Tk, kv_len, BLOCK_M, BLOCK_N, CAUSAL)
-    for start_n in range(0, full_end, BLOCK_N):
+    # This split's share of the keys: [lo, mid) unmasked, [mid, hi) masked; empty past `end`.
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, end)
+    mid = tl.minimum(tl.maximum(full_end, lo), hi)
+    for start_n in range(lo, mid, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, start_n,
                                   offs_m, offs_n, offs_d, kv_len, causal_offset, qk_scale,
                                   HEAD_DIM, BLOCK_D, CAUSAL, False, UPCAST, PRECISION)
-    for start_n in range(full_end, end, BLOCK_N):
+    for start_n in range(mid, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, start_n,
                                   offs_m, offs_n, offs_d, kv_len, causal_offset, qk_scale,
                                   HEAD_DIM, BLOCK_D, CAUSAL, True, UPCAST, PRECISION)
@@ -198,10 +241,41 @@ def _attn_fwd(
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
-    o_ptrs = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh \
-        + offs_m[:, None] * stride_ot + offs_d[None, :]
-    _store_tile(o_ptrs, acc.to(O.dtype.element_ty), offs_m, Tq, offs_d, HEAD_DIM, BLOCK_D)
+    tl.store(LSE + split.to(tl.int64) * stride_ls + bh.to(tl.int64) * Tq + offs_m, lse,
+             mask=offs_m < Tq)
+    o_base = O + split.to(tl.int64) * stride_os + b.to(tl.int64) * stride_ob \
+        + h.to(tl.int64) * stride_oh
+    _store_tile(_rows(o_base, start_m, offs_m0, stride_ot, offs_d), acc.to(O.dtype.element_ty),
+                offs_m, Tq, offs_d, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _attn_fwd_combine(
+    O_PART, LSE_PART, O, LSE, n_rows, n_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Grid (B * H * Tq,): one query row. Merges its partial results over key splits,
+    O_PART (n_splits, B * H * Tq, HEAD_DIM) and LSE_PART (n_splits, B * H * Tq), into O and LSE
+    (contiguous): lse = log sum_s exp(lse_s) and out = sum_s exp(lse_s - lse) * out_s.
+    A split that saw no key has lse_s = -inf, weight 0; a row that saw none gets 0 and -inf."""
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    part = offs_s.to(tl.int64) * n_rows + row  # (split, row) pairs, int64 as in _rows
+    lse_s = tl.load(LSE_PART + part, mask=offs_s < n_splits, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_sub = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m_sub)
+    total = tl.sum(w, 0)
+    o_s = _load_tile(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], offs_s, n_splits, offs_d,
+                     HEAD_DIM, BLOCK_D, True)
+    total_safe = tl.where(total == 0.0, 1.0, total)
+    out = tl.sum(o_s * w[:, None], 0) / total_safe
+    tl.store(LSE + row, tl.where(total == 0.0, float("-inf"), m_sub + tl.log(total_safe)))
+    if BLOCK_D == HEAD_DIM:
+        tl.store(O + row * HEAD_DIM + offs_d, out.to(O.dtype.element_ty))
+    else:
+        tl.store(O + row * HEAD_DIM + offs_d, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
 @triton.jit
@@ -212,17 +286,17 @@ def _attn_bwd_preprocess(
     H, Tq,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d]. Grid (cdiv(Tq, BLOCK_M), B * H)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d]. Grid (cdiv(Tq, BLOCK_M), B, H)."""
+    b, h, start_m = _program(BLOCK_M)
+    bh = b * H + h
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_m0
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tile(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                   + offs_m[:, None] * stride_ot + offs_d[None, :],
+    o = _load_tile(_rows(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, start_m,
+                         offs_m0, stride_ot, offs_d),
                    offs_m, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                    + offs_m[:, None] * stride_dot + offs_d[None, :],
+    do = _load_tile(_rows(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, start_m,
+                          offs_m0, stride_dot, offs_d),
                     offs_m, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
@@ -235,9 +309,9 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_q
                    MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Add one tile of queries' contribution to dK and dV of a tile of keys (transposed form)."""
     offs_m = start_m + offs_m0
-    q = _load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, Tq, offs_d,
+    q = _load_tile(_rows(q_base, start_m, offs_m0, stride_qt, offs_d), offs_m, Tq, offs_d,
                    HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], offs_m, Tq, offs_d,
+    do = _load_tile(_rows(do_base, start_m, offs_m0, stride_dot, offs_d), offs_m, Tq, offs_d,
                     HEAD_DIM, BLOCK_D, True)
     if UPCAST:
         q = q.to(tl.float32)
@@ -272,24 +346,21 @@ def _attn_bwd_dkdv(
     CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Grid (cdiv(Tk, BLOCK_N), B * Hkv): dK and dV of one tile of keys of one kv head, summed
+    """Grid (cdiv(Tk, BLOCK_N), B, Hkv): dK and dV of one tile of keys of one kv head, summed
     over the GROUP query heads that share it, so grouped-query attention needs no atomics."""
-    start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
-    Hkv = H // GROUP
-    b = bhk // Hkv
-    hk = bhk % Hkv
+    b, hk, start_n = _program(BLOCK_N)
     kv_len = _kv_len(KV_LENS, b, Tk, HAS_KV_LENS)
     causal_offset = Tk - Tq
 
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_n = start_n + offs_n0
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-                   + offs_n[:, None] * stride_kt + offs_d[None, :],
+    k = _load_tile(_rows(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, start_n,
+                         offs_n0, stride_kt, offs_d),
                    offs_n, kv_len, offs_d, HEAD_DIM, BLOCK_D, True)
-    v = _load_tile(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-                   + offs_n[:, None] * stride_vt + offs_d[None, :],
+    v = _load_tile(_rows(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh, start_n,
+                         offs_n0, stride_vt, offs_d),
                    offs_n, kv_len, offs_d, HEAD_DIM, BLOCK_D, True)
     if UPCAST:
         k = k.to(tl.float32)
@@ -328,11 +399,11 @@ def _attn_bwd_dkdv(
                                     False, UPCAST, PRECISION)
 
     dk = dk * sm_scale  # the probabilities were taken of scale * q.k
-    _store_tile(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
-                + offs_n[:, None] * stride_dkt + offs_d[None, :],
+    _store_tile(_rows(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh, start_n,
+                      offs_n0, stride_dkt, offs_d),
                 dk.to(DK.dtype.element_ty), offs_n, Tk, offs_d, HEAD_DIM, BLOCK_D)
-    _store_tile(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
-                + offs_n[:, None] * stride_dvt + offs_d[None, :],
+    _store_tile(_rows(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh, start_n,
+                      offs_n0, stride_dvt, offs_d),
                 dv.to(DV.dtype.element_ty), offs_n, Tk, offs_d, HEAD_DIM, BLOCK_D)
 
 
@@ -343,9 +414,9 @@ def _bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, st
                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Add one tile of keys' contribution to dQ of a tile of queries."""
     offs_kn = start_n + offs_n
-    k = _load_tile(k_base + offs_kn[:, None] * stride_kt + offs_d[None, :], offs_kn, kv_len,
+    k = _load_tile(_rows(k_base, start_n, offs_n, stride_kt, offs_d), offs_kn, kv_len,
                    offs_d, HEAD_DIM, BLOCK_D, MASKED)
-    v = _load_tile(v_base + offs_kn[:, None] * stride_vt + offs_d[None, :], offs_kn, kv_len,
+    v = _load_tile(_rows(v_base, start_n, offs_n, stride_vt, offs_d), offs_kn, kv_len,
                    offs_d, HEAD_DIM, BLOCK_D, MASKED)
     if UPCAST:
         k = k.to(tl.float32)
@@ -374,23 +445,22 @@ def _attn_bwd_dq(
     CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Grid (cdiv(Tq, BLOCK_M), B * H): dQ of one tile of queries of one head."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    """Grid (cdiv(Tq, BLOCK_M), B, H): dQ of one tile of queries of one head."""
+    b, h, start_m = _program(BLOCK_M)
+    bh = b * H + h
     hk = h // GROUP
     kv_len = _kv_len(KV_LENS, b, Tk, HAS_KV_LENS)
     causal_offset = Tk - Tq
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_m0
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                   + offs_m[:, None] * stride_qt + offs_d[None, :],
+    q = _load_tile(_rows(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, start_m,
+                         offs_m0, stride_qt, offs_d),
                    offs_m, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                    + offs_m[:, None] * stride_dot + offs_d[None, :],
+    do = _load_tile(_rows(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, start_m,
+                          offs_m0, stride_dot, offs_d),
                     offs_m, Tq, offs_d, HEAD_DIM, BLOCK_D, True)
     if UPCAST:
         q = q.to(tl.float32)
@@ -413,8 +483,8 @@ def _attn_bwd_dq(
                           BLOCK_D, CAUSAL, True, UPCAST, PRECISION)
 
     dq = dq * sm_scale
-    _store_tile(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-                + offs_m[:, None] * stride_dqt + offs_d[None, :],
+    _store_tile(_rows(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh, start_m,
+                      offs_m0, stride_dqt, offs_d),
                 dq.to(DQ.dtype.element_ty), offs_m, Tq, offs_d, HEAD_DIM, BLOCK_D)
 
 
@@ -424,8 +494,13 @@ def _attn_bwd_dq(
 # Chosen per (head dim, arch) with `python -m kernels.report` so that every default compiles
 # without register spills, within the shared memory of the smallest GPU of that family
 # (sm_86/89: 101,376 bytes for the sm_80 configs), and with tensor-core MMAs (HMMA on sm_80,
-# HGMMA/wgmma on sm_90). A plain function, not @triton.autotune, so that the interpreter and
-# the compile report see exactly what a GPU runs.
+# HGMMA/wgmma on sm_90; the 16-row decode tile is below wgmma's 64 rows and uses HMMA on both).
+# A plain function, not @triton.autotune: the interpreter, the tests' launch counts and the
+# compile report then see exactly what a GPU runs. Autotuning needs a GPU, times every config
+# the first time it meets a key (so a test's first call launches each kernel many times), and
+# keyed on Tq and Tk it would re-time at every decoding step (the KV cache grows by one key);
+# length buckets would need extra kernel arguments only for the tuner. Measured sweeps
+# (benchmarks/flash_attention.py on a GPU) are the way to change these tables.
 
 
 @dataclass(frozen=True)
@@ -443,11 +518,16 @@ def _block_d(head_dim: int) -> int:
 def launch_configs(head_dim: int, arch: int | None, dtype=torch.bfloat16) -> dict[str, LaunchConfig]:
     """Launch configuration of each kernel for a head dim and dtype on a GPU arch (80 = sm_80,
     90 = sm_90; None = the Triton interpreter, which gets small tiles so that tests cross many
-    tile edges)."""
+    tile edges). "decode" is the forward for Tq <= its block_m; "combine" merges key splits
+    (one query row per program).
+
+    Not autotuned (see the comment above): one default per (head dim, dtype, arch).
+    """
     C = LaunchConfig
+    combine = C(1, 0, 4, 1)
     if arch is None:
-        return {"fwd": C(32, 16, 4, 1), "preprocess": C(32, 0, 4, 1), "dkdv": C(16, 32, 4, 1),
-                "dq": C(32, 16, 4, 1)}
+        return {"fwd": C(32, 16, 4, 1), "decode": C(16, 16, 4, 1), "combine": combine,
+                "preprocess": C(32, 0, 4, 1), "dkdv": C(16, 32, 4, 1), "dq": C(32, 16, 4, 1)}
     d = _block_d(head_dim)
     # sm_90/sm_100 class: 228 KB of shared memory per SM. Consumer parts (sm_86/89, sm_120)
     # have about 100 KB per block, which the sm_80 configurations fit.
@@ -456,7 +536,8 @@ def launch_configs(head_dim: int, arch: int | None, dtype=torch.bfloat16) -> dic
         # fp32 tiles take twice the registers and shared memory of 16-bit ones, and tf32x3
         # splits each operand in two: small tiles, HGMMA only where it fits (d <= 64 on sm_90).
         # float32 is the accuracy path, not the speed path: at d = 128 the sm_90 forward and at
-        # d = 256 all three kernels still spill a little (< 200 bytes) even at 16x16 tiles.
+        # d = 256 all four kernels (decode too) still spill a little (< 200 bytes) even at
+        # 16x16 tiles.
         if d <= 64 and hopper:
             fwd, dkdv, dq = C(64, 32, 4, 2), C(16, 64, 8, 2), C(64, 16, 4, 2)
         elif d <= 64:
@@ -465,6 +546,7 @@ def launch_configs(head_dim: int, arch: int | None, dtype=torch.bfloat16) -> dic
             fwd, dkdv, dq = C(32, 16, 4, 2), C(16, 16, 4, 2), C(16, 32, 4, 2)
         else:
             fwd, dkdv, dq = C(16, 16, 4, 2), C(16, 16, 8, 1), C(16, 16, 8, 1)
+        decode = C(16, 32, 4, 2) if d <= 128 else C(16, 16, 8, 1)
     elif hopper:
         if d <= 64:
             fwd, dkdv, dq = C(128, 64, 4, 3), C(32, 128, 8, 3), C(128, 32, 4, 3)
@@ -472,6 +554,7 @@ def launch_configs(head_dim: int, arch: int | None, dtype=torch.bfloat16) -> dic
             fwd, dkdv, dq = C(128, 64, 8, 3), C(32, 128, 8, 2), C(128, 32, 8, 2)
         else:  # 256: a 64-row key tile does not fit the dK/dV kernel's registers (no HGMMA)
             fwd, dkdv, dq = C(128, 32, 8, 2), C(16, 32, 4, 2), C(128, 32, 8, 2)
+        decode = C(16, 128 if d <= 64 else 64, 4, 3)
     else:
         if d <= 64:
             fwd, dkdv, dq = C(128, 64, 4, 3), C(32, 128, 4, 3), C(128, 32, 4, 3)
@@ -479,7 +562,9 @@ def launch_configs(head_dim: int, arch: int | None, dtype=torch.bfloat16) -> dic
             fwd, dkdv, dq = C(128, 32, 8, 3), C(32, 64, 4, 2), C(64, 32, 4, 2)
         else:
             fwd, dkdv, dq = C(64, 32, 8, 2), C(16, 64, 8, 2), C(32, 32, 4, 2)
-    return {"fwd": fwd, "preprocess": C(128, 0, 4, 1), "dkdv": dkdv, "dq": dq}
+        decode = C(16, 128 if d <= 64 else 64 if d <= 128 else 32, 4, 3)
+    return {"fwd": fwd, "decode": decode, "combine": combine, "preprocess": C(128, 0, 4, 1),
+            "dkdv": dkdv, "dq": dq}
 
 
 def _arch(t: torch.Tensor) -> int | None:
@@ -489,6 +574,35 @@ def _arch(t: torch.Tensor) -> int | None:
     return major * 10 + minor
 
 
+# Flash-decoding: bounds on the number of programs that share one query tile's keys.
+_MIN_TILES_PER_SPLIT = 2  # the software pipeline overlaps one key tile's loads with another's math
+_MAX_KEY_SPLITS = 16  # 8 heads x 16 splits about fill a 132-SM H100; the combine holds all
+#                       splits of a row in registers (16 x 256 fp32 over 128 threads)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a nominal few, so that the split path runs in tests too
+
+
+def _key_splits(programs: int, key_tiles: int, n_sm: int) -> int:
+    """Into how many splits to cut the key tiles of each of `programs` query tiles on a GPU of
+    n_sm SMs: enough for about one program per SM (a decoding step has only B * H query tiles,
+    too few to keep a GPU's memory system busy), none once the query tiles alone fill it."""
+    if programs >= n_sm:
+        return 1
+    return max(1, min(triton.cdiv(n_sm, programs), key_tiles // _MIN_TILES_PER_SPLIT,
+                      _MAX_KEY_SPLITS))
+
+
+def _grid(n_tiles: int, batch: int, heads: int) -> tuple[int, int, int]:
+    """The launch grid of a kernel over n_tiles tiles of each (sequence, head): (tiles, B, H).
+    CUDA allows 2**31 - 1 programs on axis 0 and 65,535 on axes 1 and 2, so B and H may each
+    go up to 65,535 (one axis for B * H would stop at B * H = 65,535)."""
+    return (n_tiles, batch, heads)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -496,6 +610,12 @@ def _arch(t: torch.Tensor) -> int | None:
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _on_device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device: with tensors on cuda:1 while cuda:0 is
+    current, the kernel would be handed GPU 1's pointers on GPU 0."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _kernel_flags(q: torch.Tensor) -> dict:
@@ -517,18 +637,39 @@ def _forward(q, k, v, causal: bool, scale: float, kv_lens):
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     flags = _kernel_flags(q)
-    cfg = launch_configs(D, _arch(q), q.dtype)["fwd"]
+    cfgs = launch_configs(D, _arch(q), q.dtype)
+    # A decoding step (Tq of 1 to a few tokens) takes the 16-row tile, and splits its keys.
+    decode = Tq <= cfgs["decode"].block_m
+    cfg = cfgs["decode"] if decode else cfgs["fwd"]
+    n_tiles = triton.cdiv(Tq, cfg.block_m)
+    key_tiles = triton.cdiv(Tk, cfg.block_n)
+    n_splits = _key_splits(B * H * n_tiles, key_tiles, _sm_count(q.device)) if decode else 1
+    tiles_per_split = triton.cdiv(key_tiles, n_splits)
+    n_splits = triton.cdiv(key_tiles, tiles_per_split)  # no split left without keys
+
     o = torch.empty(q.shape, device=q.device, dtype=torch.float32 if flags["UPCAST"] else q.dtype)
     lse = torch.empty((B, H, Tq), device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(Tq, cfg.block_m), B * H)
-    _attn_fwd[grid](
-        q, k, v, o, lse, kv_lens if kv_lens is not None else lse,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-        H, Tq, Tk, scale * math.log2(math.e),
-        GROUP=H // Hkv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
-        HAS_KV_LENS=kv_lens is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **flags,
-    )
+    if n_splits == 1:
+        o_part, lse_part = o[None], lse[None]  # the kernel writes the result directly
+    else:
+        o_part = torch.empty((n_splits, B, H, Tq, D), device=q.device, dtype=torch.float32)
+        lse_part = torch.empty((n_splits, B, H, Tq), device=q.device, dtype=torch.float32)
+    with _on_device_of(q):
+        _attn_fwd[_grid(n_splits * n_tiles, B, H)](
+            q, k, v, o_part, lse_part, kv_lens if kv_lens is not None else lse,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o_part.stride()[:4],
+            lse_part.stride(0), H, Tq, Tk, scale * math.log2(math.e), tiles_per_split * cfg.block_n,
+            GROUP=H // Hkv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
+            HAS_KV_LENS=kv_lens is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **flags,
+        )
+        if n_splits > 1:
+            c = cfgs["combine"]
+            _attn_fwd_combine[(B * H * Tq,)](
+                o_part, lse_part, o, lse, B * H * Tq, n_splits,
+                HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_S=triton.next_power_of_2(n_splits),
+                num_warps=c.num_warps, num_stages=c.num_stages,
+            )
     return o.to(q.dtype), lse
 
 
@@ -546,60 +687,104 @@ def _backward(do, q, k, v, o, lse, dlse, causal: bool, scale: float, kv_lens):
     kv_lens_arg = kv_lens if kv_lens is not None else lse
 
     delta = torch.empty_like(lse)
-    pre = cfgs["preprocess"]
-    _attn_bwd_preprocess[(triton.cdiv(Tq, pre.block_m), B * H)](
-        o, do, delta, *o.stride()[:3], *do.stride()[:3], H, Tq,
-        HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=pre.block_m,
-        num_warps=pre.num_warps, num_stages=pre.num_stages,
-    )
-    if dlse is not None:
-        # d lse / d s_ij = p_ij, so a gradient on the LSE enters dS = P * (dP - delta) as
-        # delta - dlse. Rows without visible keys have P = 0 and are unaffected.
-        delta = delta - torch.nan_to_num(dlse.float())
-
     buf_dtype = torch.float32 if flags["UPCAST"] else q.dtype
     dq = torch.empty(q.shape, device=q.device, dtype=buf_dtype)
     dk = torch.empty(k.shape, device=q.device, dtype=buf_dtype)
     dv = torch.empty(v.shape, device=q.device, dtype=buf_dtype)
     common = dict(GROUP=H // Hkv, CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, **flags)
     qk_scale = scale * math.log2(math.e)
+    with _on_device_of(q):
+        pre = cfgs["preprocess"]
+        _attn_bwd_preprocess[_grid(triton.cdiv(Tq, pre.block_m), B, H)](
+            o, do, delta, *o.stride()[:3], *do.stride()[:3], H, Tq,
+            HEAD_DIM=D, BLOCK_D=flags["BLOCK_D"], BLOCK_M=pre.block_m,
+            num_warps=pre.num_warps, num_stages=pre.num_stages,
+        )
+        if dlse is not None:
+            # d lse / d s_ij = p_ij, so a gradient on the LSE enters dS = P * (dP - delta) as
+            # delta - dlse. Rows without visible keys have P = 0 and are unaffected.
+            delta = delta - torch.nan_to_num(dlse.float())
 
-    c = cfgs["dkdv"]
-    _attn_bwd_dkdv[(triton.cdiv(Tk, c.block_n), B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, kv_lens_arg,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-        *dk.stride()[:3], *dv.stride()[:3],
-        H, Tq, Tk, scale, qk_scale,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages,
-        **common,
-    )
-    c = cfgs["dq"]
-    _attn_bwd_dq[(triton.cdiv(Tq, c.block_m), B * H)](
-        q, k, v, do, lse, delta, dq, kv_lens_arg,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-        H, Tq, Tk, scale, qk_scale,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages,
-        **common,
-    )
+        c = cfgs["dkdv"]
+        _attn_bwd_dkdv[_grid(triton.cdiv(Tk, c.block_n), B, Hkv)](
+            q, k, v, do, lse, delta, dk, dv, kv_lens_arg,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+            *dk.stride()[:3], *dv.stride()[:3],
+            H, Tq, Tk, scale, qk_scale,
+            BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages,
+            **common,
+        )
+        c = cfgs["dq"]
+        _attn_bwd_dq[_grid(triton.cdiv(Tq, c.block_m), B, H)](
+            q, k, v, do, lse, delta, dq, kv_lens_arg,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+            H, Tq, Tk, scale, qk_scale,
+            BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages,
+            **common,
+        )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class FlashAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper: forward saves (q, k, v, out, lse); backward recomputes probabilities."""
+# ----------------------------------------------------------------------------------------------
+# The op as PyTorch sees it
+# ----------------------------------------------------------------------------------------------
+# Forward and backward are torch.library custom ops: torch.compile keeps each as one opaque
+# node of its graph (with shapes from the fake implementations) instead of breaking the graph
+# at every attention layer, as it does at Triton launches inside an autograd.Function.
+# The schemas are spelled out rather than inferred from type annotations, which
+# `from __future__ import annotations` turns into strings.
 
-    @staticmethod
-    def forward(ctx, q, k, v, causal, scale, kv_lens):
-        o, lse = _forward(q, k, v, causal, scale, kv_lens)
-        ctx.save_for_backward(q, k, v, o, lse, kv_lens)
-        ctx.causal, ctx.scale = causal, scale
-        ctx.set_materialize_grads(False)
-        return o, lse
 
-    @staticmethod
-    def backward(ctx, do, dlse):
-        q, k, v, o, lse, kv_lens = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, dlse, ctx.causal, ctx.scale, kv_lens)
-        return dq, dk, dv, None, None, None
+@torch.library.custom_op(
+    "minillm::flash_attention_forward", mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, bool causal, float scale, Tensor? kv_lens) "
+           "-> (Tensor, Tensor)")
+def _forward_op(q, k, v, causal, scale, kv_lens):
+    return _forward(q, k, v, causal, scale, kv_lens)
+
+
+@_forward_op.register_fake
+def _forward_fake(q, k, v, causal, scale, kv_lens):
+    B, H, Tq, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        q.new_empty((B, H, Tq), dtype=torch.float32)
+
+
+@torch.library.custom_op(
+    "minillm::flash_attention_backward", mutates_args=(),
+    schema="(Tensor? dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
+           "bool causal, float scale, Tensor? kv_lens) -> (Tensor, Tensor, Tensor)")
+def _backward_op(dout, q, k, v, out, lse, dlse, causal, scale, kv_lens):
+    return _backward(dout, q, k, v, out, lse, dlse, causal, scale, kv_lens)
+
+
+@_backward_op.register_fake
+def _backward_fake(dout, q, k, v, out, lse, dlse, causal, scale, kv_lens):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale, kv_lens = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_lens)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _grads(ctx, dout, dlse):
+    q, k, v, out, lse, kv_lens = ctx.saved_tensors
+    dq, dk, dv = _backward_op(dout, q, k, v, out, lse, dlse, ctx.causal, ctx.scale, kv_lens)
+    return dq, dk, dv, None, None, None
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("flash_attention: double backward (gradients of gradients) is not "
+                       "implemented; use the 'naive' or 'sdpa' attention backend for it")
+
+
+_forward_op.register_autograd(_grads, setup_context=_setup_context)
+# A second backward (after create_graph=True) reaches the backward op's own formula, which
+# says what is missing and what to use instead.
+_backward_op.register_autograd(_no_double_backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -710,7 +895,7 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, kv_lens=None, 
         if kv_lens is not None:
             kv_lens = kv_lens.to(device=q.device, dtype=torch.int32).contiguous()
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        out, lse = FlashAttentionFunction.apply(q, k, v, bool(causal), scale, kv_lens)
+        out, lse = _forward_op(q, k, v, bool(causal), scale, kv_lens)
     return (out, lse) if return_lse else out
 
 
@@ -739,8 +924,9 @@ def _signature(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, str]
 
 def compile_specs(arch: int = 90) -> list[CompileSpec]:
     """Every kernel at its default launch configuration on `arch` (80 or 90; the report asks for
-    each target), for head dims 64 and 128 in float16 and bfloat16. Causal masking and kv_lens
-    are on: the masked code paths contain the unmasked ones."""
+    each target), for head dims 64 and 128 in float16 and bfloat16, the decode configuration
+    and the combine of key splits (at the largest number of splits) included. Causal masking and
+    kv_lens are on: the masked code paths contain the unmasked ones."""
     return _compile_specs(arch, head_dims=(64, 128), dtypes=(torch.float16, torch.bfloat16))
 
 
@@ -754,8 +940,11 @@ def _compile_specs(arch: int, head_dims, dtypes) -> list[CompileSpec]:
             common = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), UPCAST=False,
                           PRECISION="tf32x3" if dtype == torch.float32 else "tf32", GROUP=1,
                           CAUSAL=True, HAS_KV_LENS=True)
+            fwd_pointers = dict(Q=ptr, K=ptr, V=ptr, O=ptr, LSE="*fp32", KV_LENS="*i32")
             for key, fn, pointers in (
-                ("fwd", _attn_fwd, dict(Q=ptr, K=ptr, V=ptr, O=ptr, LSE="*fp32", KV_LENS="*i32")),
+                ("fwd", _attn_fwd, fwd_pointers),
+                # Decoding writes fp32 partial results per key split.
+                ("decode", _attn_fwd, dict(fwd_pointers, O="*fp32")),
                 ("dkdv", _attn_bwd_dkdv, dict(Q=ptr, K=ptr, V=ptr, DO=ptr, LSE="*fp32", DELTA="*fp32",
                                               DK=ptr, DV=ptr, KV_LENS="*i32")),
                 ("dq", _attn_bwd_dq, dict(Q=ptr, K=ptr, V=ptr, DO=ptr, LSE="*fp32", DELTA="*fp32",
@@ -767,7 +956,18 @@ def _compile_specs(arch: int, head_dims, dtypes) -> list[CompileSpec]:
                     name=f"flash_attention.{key}[d{head_dim},{tag}]", fn=fn,
                     signature=_signature(fn, pointers, constexprs), constexprs=constexprs,
                     num_warps=c.num_warps, num_stages=c.num_stages, min_arch=80,
+                    # wgmma (HGMMA) takes tiles of 64+ rows: the 16-row decode tile uses HMMA on sm_90 too
+                    tensor_core_op="HMMA" if key == "decode" else None,
                 ))
+            c = cfgs["combine"]
+            constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
+                              BLOCK_S=_MAX_KEY_SPLITS)
+            specs.append(CompileSpec(
+                name=f"flash_attention.combine[d{head_dim},{tag}]", fn=_attn_fwd_combine,
+                signature=_signature(_attn_fwd_combine, dict(O_PART="*fp32", LSE_PART="*fp32",
+                                                             O=ptr, LSE="*fp32"), constexprs),
+                constexprs=constexprs, num_warps=c.num_warps, num_stages=c.num_stages, min_arch=80,
+            ))
             c = cfgs["preprocess"]
             constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=c.block_m)
             specs.append(CompileSpec(

@@ -18,24 +18,41 @@ peak is then one chunk's logits plus the gradients, whatever N is. The matmuls a
 three as the plain path's, so the FLOPs are too; the price is that the gradients are computed
 even if backward is never called (under `torch.no_grad()`, nothing is).
 
-Matmuls run in the inputs' dtype (or autocast's), softmax math in float32; weight and bias
-gradients accumulate across chunks in float32. The loss is a float32 scalar.
+Matmuls run in the inputs' dtype (or autocast's), softmax math in float32; the gradients
+accumulate across chunks in float32. The loss is a float32 scalar. The per-chunk dlogits are
+those of the *summed* loss: the mean's 1/N and the loss scale (grad_output) are applied
+together, in float32, in the backward. In float16, 1/N first would flush the gradient of every
+probability under ~5e-4 (at 8,192 tokens) to zero before a GradScaler's scale could lift it;
+there the chunk's dlogits are even multiplied by 2**8 (undone in the backward), so that
+probabilities down to 2.4e-7 keep float16's full precision.
+
+Chunk size: a chunk's (chunk, V) float32 logits fit in CHUNK_BYTES: 64 MiB on the CPU,
+512 MiB on a GPU (2,048 rows at GPT-2's vocabulary of 50257, 4 chunks at 8,192 tokens), where
+fewer, larger matmuls keep the GPU busy and the per-chunk costs (the (V, C) weight-gradient
+update, kernel launches) are paid a few times per step instead of 32. In float32 that update
+is an in-place `addmm_` into the accumulator; bfloat16 needs one (V, C) temporary per chunk
+(torch 2.4 has no mixed-dtype addmm), float16 a float32 product (its range could overflow).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from kernels import CompileSpec
-from kernels.cross_entropy import loss_and_dlogits
+from kernels import CompileSpec, refuse_double_backward
+from kernels.cross_entropy import _check_targets, loss_and_dlogits
 
 # A chunk's logits (and, for bf16/fp16 inputs, their float32 copy) stay around this size.
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
+# float16 dlogits are computed times this (see the module docstring): |dlogits @ weight| stays
+# under 2 * 256 * max|weight|, far from float16's 65,504.
+FP16_GRAD_SCALE = 2.0**8
 
 
-def default_chunk_size(n: int, v: int) -> int:
-    """Tokens per chunk: the largest power of two whose float32 logits fit in CHUNK_BYTES."""
-    rows = max(1, CHUNK_BYTES // (4 * max(v, 1)))
+def default_chunk_size(n: int, v: int, device_type: str = "cpu") -> int:
+    """Tokens per chunk: the largest power of two whose float32 logits fit in the device's
+    CHUNK_BYTES (the CPU's for devices not listed)."""
+    budget = CHUNK_BYTES.get(device_type, CHUNK_BYTES["cpu"])
+    rows = max(1, budget // (4 * max(v, 1)))
     rows = 1 << (rows.bit_length() - 1)
     return max(1, min(n, rows))
 
@@ -49,29 +66,26 @@ def _autocast_dtype(device_type: str):
     return None
 
 
-def _forward(hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, chunk_size,
+def _forward(hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, chunk_size, compute_dtype,
              need_h, need_w, need_b):
-    """The reduced float32 loss and the gradients asked for (None for the others):
-    grad_hidden (N, C) in hidden's dtype, grad_weight (V, C) and grad_bias (V,) in weight's
-    and bias's dtypes, each for a grad_output of 1."""
+    """The reduced float32 loss, the float32 gradients asked for (empty tensors for the others):
+    grad_hidden (N, C), grad_weight (V, C), grad_bias (V,), of the summed loss times `scale`,
+    and the float32 factor (1 / scale, over N for a mean) that turns them into the gradients
+    of the loss for a grad_output of 1."""
     n, c = hidden.shape
     v = weight.shape[0]
-    need_any = need_h or need_w or need_b
-    device_type = hidden.device.type
-    compute_dtype = _autocast_dtype(device_type) or hidden.dtype
-
+    device = hidden.device
     n_valid = (targets != ignore_index).sum().to(torch.float32)
-    if reduction == "mean":
-        grad_scale = 1.0 / n_valid
-    else:
-        grad_scale = torch.ones((), dtype=torch.float32, device=hidden.device)
+    scale = FP16_GRAD_SCALE if compute_dtype == torch.float16 else 1.0
+    chunk_grad_scale = torch.full((), scale, dtype=torch.float32, device=device)
 
-    grad_hidden = torch.empty((n, c), dtype=hidden.dtype, device=hidden.device) if need_h else None
-    grad_weight = torch.zeros((v, c), dtype=torch.float32, device=weight.device) if need_w else None
-    grad_bias = torch.zeros(v, dtype=torch.float32, device=weight.device) if need_b else None
-    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    def buffer(shape, wanted):
+        return torch.zeros(shape if wanted else (0,), dtype=torch.float32, device=device)
 
-    with torch.autocast(device_type, enabled=False):
+    grad_hidden, grad_weight, grad_bias = buffer((n, c), need_h), buffer((v, c), need_w), buffer(v, need_b)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+
+    with torch.autocast(device.type, enabled=False):
         w = weight.to(compute_dtype)
         b = bias.to(compute_dtype) if bias is not None else None
         for start in range(0, n, chunk_size):
@@ -80,51 +94,70 @@ def _forward(hidden, weight, targets, bias, ignore_index, label_smoothing, reduc
             logits = F.linear(h, w, b)  # (chunk, V), a fresh buffer we may overwrite
             loss_rows, dlogits = loss_and_dlogits(
                 logits, targets[start:end], ignore_index=ignore_index, label_smoothing=label_smoothing,
-                grad_scale=grad_scale, out=logits, write_grad=need_any)
+                grad_scale=chunk_grad_scale, out=logits, write_grad=need_h or need_w or need_b)
             loss_sum += loss_rows.sum()
             if need_h:
                 grad_hidden[start:end] = dlogits @ w
             if need_w:
                 if compute_dtype == torch.float32:
                     grad_weight.addmm_(dlogits.t(), h)
-                else:
+                elif compute_dtype == torch.float16:  # one chunk's product could pass float16's 65,504
+                    grad_weight.addmm_(dlogits.t().float(), h.float())
+                else:  # bfloat16 (float32's range): torch 2.4 has no mixed-dtype addmm, so one (V, C) temporary
                     grad_weight += dlogits.t() @ h
             if need_b:
                 grad_bias += dlogits.sum(0, dtype=torch.float32)
             del logits, dlogits
 
-    loss = loss_sum / n_valid if reduction == "mean" else loss_sum
-    return (loss, grad_hidden, grad_weight.to(weight.dtype) if need_w else None,
-            grad_bias.to(bias.dtype) if need_b else None)
+    per_token = 1.0 / n_valid if reduction == "mean" else torch.ones((), dtype=torch.float32, device=device)
+    loss = loss_sum * per_token
+    return loss, grad_hidden, grad_weight, grad_bias, per_token / scale
 
 
-def _backward(grads, grad_output):
-    """The forward's gradients times the scalar grad_output, in place: grad_weight alone is
-    V x C, no need for a second copy."""
-    return [g.mul_(grad_output.to(g.dtype)) if g is not None else None for g in grads]
+# A torch.library custom op (see kernels/__init__.py): torch.compile sees the whole chunked loop
+# as one node. It returns the loss, the float32 gradients (empty where not wanted) and the factor
+# the backward scales them by; the backward multiplies and casts to the inputs' dtypes.
+@torch.library.custom_op("minillm::fused_linear_cross_entropy", mutates_args=(),
+                         schema="(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, int ignore_index, "
+                                "float label_smoothing, str reduction, int chunk_size, ScalarType compute_dtype, "
+                                "bool need_h, bool need_w, bool need_b) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _flce_op(hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, chunk_size, compute_dtype,
+             need_h, need_w, need_b):
+    _check_targets("fused_linear_cross_entropy", targets, weight.shape[0], ignore_index)
+    return _forward(hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, chunk_size,
+                    compute_dtype, need_h, need_w, need_b)
 
 
-class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, chunk_size,
-                grad_enabled):
-        # needs_input_grad ignores torch.no_grad(), so the caller passes whether grad mode is on.
-        need_h, need_w, _, need_b = (grad_enabled and needed for needed in ctx.needs_input_grad[:4])
-        loss, *grads = _forward(hidden, weight, targets, bias, ignore_index, label_smoothing, reduction,
-                                chunk_size, need_h, need_w, need_b)
-        ctx.save_for_backward(*grads)
-        ctx.used = False
-        return loss
+@_flce_op.register_fake
+def _(hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, chunk_size, compute_dtype,
+      need_h, need_w, need_b):
+    def buffer(shape, wanted):
+        return hidden.new_empty(shape if wanted else (0,), dtype=torch.float32)
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        if ctx.used:
-            raise RuntimeError("fused_linear_cross_entropy: the stored gradients are scaled in place by "
-                               "the first backward, so backward through it twice (retain_graph) is not "
-                               "supported")
-        ctx.used = True
-        grad_hidden, grad_weight, grad_bias = _backward(ctx.saved_tensors, grad_output)
-        return grad_hidden, grad_weight, None, grad_bias, None, None, None, None, None
+    v = weight.shape[0]
+    return (buffer((), True), buffer(hidden.shape, need_h), buffer((v, hidden.shape[1]), need_w), buffer((v,), need_b),
+            buffer((), True))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, _, bias = inputs[:4]
+    ctx.save_for_backward(*output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+    ctx.needed = inputs[-3:]
+
+
+def _autograd_backward(ctx, grad_output, *_):
+    refuse_double_backward("fused_linear_cross_entropy")
+    *grads, factor = ctx.saved_tensors
+    # Out of place: AOT autograd refuses a backward that mutates what the forward saved.
+    factor = grad_output.float() * factor
+    grad_hidden, grad_weight, grad_bias = ((g * factor).to(dtype) if needed else None
+                                           for g, dtype, needed in zip(grads, ctx.dtypes, ctx.needed))
+    return grad_hidden, grad_weight, None, grad_bias, None, None, None, None, None, None, None, None
+
+
+_flce_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def fused_linear_cross_entropy_reference(hidden, weight, targets, bias=None, ignore_index=-100,
@@ -165,13 +198,6 @@ def _check(hidden, weight, targets, bias, ignore_index, label_smoothing, chunk_s
         raise ValueError(f"{name}: chunk_size must be a positive int or None, got {chunk_size!r}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"{name}: reduction must be 'mean' or 'sum', got {reduction!r}")
-    if not targets.is_cuda and targets.numel() > 0:
-        # Cheap on the CPU; on a GPU it would cost a synchronisation (torch asserts there instead).
-        v = weight.shape[0]
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= v))
-        if bool(bad.any()):
-            raise ValueError(f"{name}: target {int(targets[bad][0])} is out of range for {v} classes "
-                             f"(and is not ignore_index={ignore_index})")
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -187,10 +213,13 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     """
     _check(hidden, weight, targets, bias, ignore_index, label_smoothing, chunk_size, reduction)
     if chunk_size is None:
-        chunk_size = default_chunk_size(hidden.shape[0], weight.shape[0])
-    return _FusedLinearCrossEntropyFunction.apply(
-        hidden, weight, targets, bias, int(ignore_index), float(label_smoothing), reduction, chunk_size,
-        torch.is_grad_enabled())
+        chunk_size = default_chunk_size(hidden.shape[0], weight.shape[0], hidden.device.type)
+    compute_dtype = _autocast_dtype(hidden.device.type) or hidden.dtype
+    # requires_grad ignores torch.no_grad(): ask grad mode too before computing a gradient.
+    need_h, need_w, need_b = (torch.is_grad_enabled() and t is not None and t.requires_grad
+                              for t in (hidden, weight, bias))
+    return _flce_op(hidden, weight, targets, bias, int(ignore_index), float(label_smoothing), reduction, chunk_size,
+                    compute_dtype, need_h, need_w, need_b)[0]
 
 
 def compile_specs() -> list[CompileSpec]:

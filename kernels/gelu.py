@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import CompileSpec, tl, triton, triton_usable
+from kernels import CompileSpec, device_guard, refuse_double_backward, tl, triton, triton_usable
 
 BLOCK_SIZE = 1024
 NUM_WARPS = 4
@@ -44,36 +44,63 @@ def _gelu_bwd_kernel(DY, X, DX, n, BLOCK: tl.constexpr):
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
+def _grid(n: int) -> tuple[int]:
+    return (triton.cdiv(n, BLOCK_SIZE),)
+
+
 def _forward(x):
-    """gelu(x) for x of any shape, and x as the flat contiguous buffer the kernels read (the
-    backward needs it)."""
+    """gelu(x) for x of any shape, as a new contiguous tensor."""
     x = x.contiguous()
     y = torch.empty_like(x)
     n = x.numel()
-    _gelu_fwd_kernel[(triton.cdiv(n, BLOCK_SIZE),)](x, y, n, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
-    return y, x
+    _gelu_fwd_kernel[_grid(n)](x, y, n, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
+    return y
 
 
 def _backward(dy, x):
-    """dx = dy * gelu'(x) for the upstream dy (any layout); x as `_forward` returned it."""
-    dy = dy.contiguous()
+    """dx = dy * gelu'(x) for the upstream dy and the forward's input x (any layouts)."""
+    dy, x = dy.contiguous(), x.contiguous()
     dx = torch.empty_like(x)
     n = x.numel()
-    _gelu_bwd_kernel[(triton.cdiv(n, BLOCK_SIZE),)](dy, x, dx, n, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
+    _gelu_bwd_kernel[_grid(n)](dy, x, dx, n, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
     return dx
 
 
-class _GeluFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        y, x = _forward(x)
-        ctx.save_for_backward(x)
-        return y
+# The op as torch.library custom ops: torch.compile sees one opaque node with a known output
+# shape (the fake implementation) and the autograd formula below, so it traces through.
+@torch.library.custom_op("minillm::gelu_tanh", mutates_args=(), schema="(Tensor x) -> Tensor")
+def _gelu_op(x):
+    with device_guard(x):
+        return _forward(x)
 
-    @staticmethod
-    def backward(ctx, dy):
-        (x,) = ctx.saved_tensors
+
+@torch.library.custom_op("minillm::gelu_tanh_backward", mutates_args=(), schema="(Tensor dy, Tensor x) -> Tensor")
+def _gelu_backward_op(dy, x):
+    with device_guard(x):
         return _backward(dy, x)
+
+
+@_gelu_op.register_fake
+def _(x):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@_gelu_backward_op.register_fake
+def _(dy, x):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _autograd_backward(ctx, dy):
+    refuse_double_backward("gelu_tanh")
+    (x,) = ctx.saved_tensors
+    return _gelu_backward_op(dy, x)
+
+
+_gelu_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def gelu_tanh_reference(x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +115,7 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"gelu_tanh: x must be floating point, got {x.dtype}")
     if not triton_usable(x) or x.numel() == 0:
         return gelu_tanh_reference(x)
-    return _GeluFunction.apply(x)
+    return _gelu_op(x)
 
 
 def compile_specs() -> list[CompileSpec]:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import (MAX_FUSED_SIZE, CompileSpec, as_rows, contiguous, row_grads, row_launch_config, tl,
-                     triton, triton_usable)
+from kernels import (MAX_FUSED_SIZE, CompileSpec, as_rows, contiguous, device_guard, refuse_double_backward,
+                     row_grads, row_launch_config, tl, triton, triton_usable)
 
 
 @triton.jit
@@ -89,8 +89,8 @@ def _layer_norm_bwd_kernel(
 
 
 def _forward(x, weight, bias, eps):
-    """y = layer_norm(x) for x (..., N); also returns x as rows (M, N) and the rows' mean and
-    1/std (M,) float32, which the backward needs."""
+    """y = layer_norm(x) for x (..., N); also returns the rows' mean and 1/std (M,)
+    float32, which the backward needs."""
     x2 = as_rows(x)
     weight, bias = contiguous(weight), contiguous(bias)
     m, n = x2.shape
@@ -99,17 +99,18 @@ def _forward(x, weight, bias, eps):
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     block, warps = row_launch_config(n)
     # Absent weight/bias: any pointer will do, the constexpr flags keep the kernel off it.
-    _layer_norm_fwd_kernel[(m,)](
+    _layer_norm_fwd_kernel[(m,)](  # rows on grid axis 0: up to 2**31 - 1
         x2, y, weight if weight is not None else x2, bias if bias is not None else x2, mean, rstd,
         x2.stride(0), y.stride(0), n, eps,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_N=block, num_warps=warps,
     )
-    return y.view(x.shape), x2, mean, rstd
+    return y.view(x.shape), mean, rstd
 
 
-def _backward(dy, x2, weight, mean, rstd, bias_dtype):
-    """(dx (M, N), dweight, dbias) for the upstream dy (..., N). dweight is None without a
+def _backward(dy, x, weight, mean, rstd, bias_dtype):
+    """(dx (..., N), dweight, dbias) for the upstream dy (..., N). dweight is None without a
     weight, dbias None when bias_dtype is None (no bias)."""
+    x2 = as_rows(x)
     m, n = x2.shape
     g = row_grads(dy, x2, weight, bias_dtype)
     _layer_norm_bwd_kernel[(g.groups,)](
@@ -118,22 +119,59 @@ def _backward(dy, x2, weight, mean, rstd, bias_dtype):
         g.dy2.stride(0), x2.stride(0), g.dx.stride(0), m, n, g.rows_per_program,
         HAS_WEIGHT=g.has_weight, HAS_BIAS=g.has_bias, BLOCK_N=g.block, num_warps=g.warps,
     )
-    return g.finish(bias_dtype)
+    dx, dw, db = g.finish(bias_dtype)
+    return dx.view(x.shape), dw, db
 
 
-class _LayerNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        y, x2, mean, rstd = _forward(x, weight, bias, eps)
-        ctx.save_for_backward(x2, weight, mean, rstd)
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y
+def _none_as_empty(t, like):
+    """Custom ops cannot return None: an absent gradient travels as an empty tensor."""
+    return t if t is not None else like.new_empty(0)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = _backward(dy, x2, weight, mean, rstd, ctx.bias_dtype)
-        return dx.view(dy.shape), dw, db, None
+
+# torch.library custom ops (see kernels/__init__.py): one opaque node each for torch.compile.
+@torch.library.custom_op("minillm::layer_norm", mutates_args=(),
+                         schema="(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)")
+def _layer_norm_op(x, weight, bias, eps):
+    with device_guard(x):
+        return _forward(x, weight, bias, eps)
+
+
+@torch.library.custom_op("minillm::layer_norm_backward", mutates_args=(),
+                         schema="(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd) "
+                                "-> (Tensor, Tensor, Tensor)")
+def _layer_norm_backward_op(dy, x, weight, bias, mean, rstd):
+    with device_guard(x):
+        dx, dw, db = _backward(dy, x, weight, mean, rstd, bias.dtype if bias is not None else None)
+    return dx, _none_as_empty(dw, x), _none_as_empty(db, x)
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, eps):
+    m = x.numel() // x.shape[-1]
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty(m, dtype=torch.float32, device=x.device), torch.empty(m, dtype=torch.float32, device=x.device)
+
+
+@_layer_norm_backward_op.register_fake
+def _(dy, x, weight, bias, mean, rstd):
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device) if weight is not None else x.new_empty(0)
+    db = torch.empty(bias.shape, dtype=bias.dtype, device=x.device) if bias is not None else x.new_empty(0)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    ctx.save_for_backward(x, weight, bias, *output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _autograd_backward(ctx, dy, *_):
+    refuse_double_backward("layer_norm")
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dw, db = _layer_norm_backward_op(dy, x, weight, bias, mean, rstd)
+    return dx, dw if weight is not None else None, db if bias is not None else None, None
+
+
+_layer_norm_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None = None,
@@ -171,13 +209,14 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     tensors = [t for t in (x, weight, bias) if t is not None]
     if not triton_usable(*tensors) or x.shape[-1] > MAX_FUSED_SIZE or x.numel() == 0:
         return layer_norm_reference(x, weight, bias, eps)
-    return _LayerNormFunction.apply(x, weight, bias, float(eps))
+    return _layer_norm_op(x, weight, bias, float(eps))[0]
 
 
 def compile_specs() -> list[CompileSpec]:
-    """Forward and backward at GPT-2 (768) and Llama-7B (4096) widths, in bf16 and fp16."""
+    """Forward and backward at GPT-2 (768), Llama-7B (4096) and the widest fused (MAX_FUSED_SIZE,
+    Llama-70B's 8192) widths, in bf16 and fp16."""
     specs = []
-    for n, dtype in ((768, "bf16"), (4096, "bf16"), (4096, "fp16")):
+    for n, dtype in ((768, "bf16"), (4096, "bf16"), (4096, "fp16"), (MAX_FUSED_SIZE, "bf16")):
         block, warps = row_launch_config(n)
         c = {"HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK_N": block}
         specs.append(CompileSpec(

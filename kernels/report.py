@@ -66,7 +66,8 @@ class ReportRow:
     shared_bytes: int  # static + dynamic: what one block occupies
     shared_limit: int
     uses_dot: bool  # the kernel's source calls tl.dot, so tensor cores are expected
-    tensor_core_ops: int  # HMMA (sm_80) / HGMMA (sm_90) instructions in the SASS
+    tensor_core_op: str  # the instruction expected: HMMA (sm_80), HGMMA (sm_90), or the spec's own
+    tensor_core_ops: int  # that instruction's count in the SASS
     error: str = ""
 
     @property
@@ -174,7 +175,8 @@ def _sass(cubin_path: str) -> str:
 def analyse(module_name: str, spec: CompileSpec, arch: int) -> ReportRow:
     row = dict(module=module_name.split(".")[-1], kernel=spec.name, arch=arch,
                num_warps=spec.num_warps, num_stages=spec.num_stages,
-               shared_limit=SHARED_LIMIT[arch], uses_dot=uses_dot(spec.fn))
+               shared_limit=SHARED_LIMIT[arch], uses_dot=uses_dot(spec.fn),
+               tensor_core_op=spec.tensor_core_op or TENSOR_CORE_OP[arch])
     try:
         compiled = compile_one(spec, arch)
         with tempfile.TemporaryDirectory() as tmp:
@@ -191,8 +193,7 @@ def analyse(module_name: str, spec: CompileSpec, arch: int) -> ReportRow:
         return ReportRow(**row, registers=-1, spill_bytes=-1, spill_ops=-1, shared_static=-1,
                          shared_dynamic=-1, shared_bytes=-1, tensor_core_ops=0,
                          error=f"{type(e).__name__}: {first_line}")
-    op = TENSOR_CORE_OP[arch]
-    mma = len(re.findall(rf"\b{op}\.", sass))
+    mma = len(re.findall(rf"\b{row['tensor_core_op']}\.", sass))
     dynamic = int(compiled.metadata.shared)
     spill_ops = len(re.findall(r"\b(?:STL|LDL)(?:\.|\s)", sass))
     return ReportRow(**row, registers=usage["REG"], spill_bytes=spill_bytes,
@@ -270,7 +271,7 @@ def format_table(rows: list[ReportRow]) -> str:
         if r.error:
             tc = "-"
         elif r.tensor_core_ops:
-            tc = f"{TENSOR_CORE_OP[r.arch]} x{r.tensor_core_ops}"
+            tc = f"{r.tensor_core_op} x{r.tensor_core_ops}"
         else:
             tc = "none (no tl.dot)" if not r.uses_dot else "NONE"
         lines.append([r.kernel, f"{r.arch}", f"{r.num_warps}", f"{r.num_stages}", f"{r.registers}",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import CompileSpec, tl, triton, triton_usable
+from kernels import CompileSpec, device_guard, tl, triton, triton_usable
 
 
 @triton.jit
@@ -26,7 +26,7 @@ def _rotate_heads(X, Out, stride_xh, stride_oh, n_heads, cos, sin, d, d_mask,
     """Rotate heads [0, n_heads) of one (batch, position); X and Out point at head 0."""
     heads = tl.arange(0, BLOCK_H)
     for h0 in range(0, n_heads, BLOCK_H):
-        h = h0 + heads
+        h = (h0 + heads).to(tl.int64)  # h * stride_xh may pass 2**31 at very long T
         mask = (h < n_heads)[:, None] & d_mask[None, :]
         x_ptr = X + h[:, None] * stride_xh + d[None, :]
         o_ptr = Out + h[:, None] * stride_oh + d[None, :]
@@ -65,6 +65,11 @@ def _launch_config(half: int) -> tuple[int, int, int]:
     return max(1, 1024 // block_d), block_d, 4
 
 
+def _grid(b: int, t: int) -> tuple[int]:
+    """One program per (batch, position), on grid axis 0 (up to 2**31 - 1)."""
+    return (b * t,)
+
+
 def _rotate(q, k, cos, sin, backward: bool):
     """One launch rotating q (B, H, T, D) and k (B, HK, T, D); returns new contiguous tensors.
     The kernel takes strides for every dimension of q and k but the last, and for the rows of
@@ -80,7 +85,7 @@ def _rotate(q, k, cos, sin, backward: bool):
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     block_h, block_d, warps = _launch_config(d // 2)
     if b * t > 0:
-        _rotary_kernel[(b * t,)](
+        _rotary_kernel[_grid(b, t)](
             q, k, q_out, k_out, cos, sin,
             t, h, hk,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -91,17 +96,35 @@ def _rotate(q, k, cos, sin, backward: bool):
     return q_out, k_out
 
 
-class _RotaryFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _rotate(q, k, cos, sin, backward=False)
+# A torch.library custom op (see kernels/__init__.py): one opaque node for torch.compile. The
+# backward is the same op rotating the other way, so it is differentiable again (a rotation is
+# linear): double backward works.
+@torch.library.custom_op("minillm::rotary", mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor cos, Tensor sin, bool backward) -> (Tensor, Tensor)")
+def _rotary_op(q, k, cos, sin, backward):
+    with device_guard(q):
+        return _rotate(q, k, cos, sin, backward)
 
-    @staticmethod
-    def backward(ctx, dq_out, dk_out):
-        cos, sin = ctx.saved_tensors
-        dq, dk = _rotate(dq_out, dk_out, cos, sin, backward=True)
-        return dq, dk, None, None
+
+@_rotary_op.register_fake
+def _(q, k, cos, sin, backward):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device))
+
+
+def _setup_context(ctx, inputs, output):
+    _, _, cos, sin, backward = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.backward = backward
+
+
+def _autograd_backward(ctx, dq_out, dk_out):
+    cos, sin = ctx.saved_tensors
+    dq, dk = _rotary_op(dq_out, dk_out, cos, sin, not ctx.backward)
+    return dq, dk, None, None, None
+
+
+_rotary_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def apply_rotary_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -147,7 +170,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     _check(q, k, cos, sin)
     if not triton_usable(q, k, cos, sin):
         return apply_rotary_reference(q, k, cos, sin)
-    return _RotaryFunction.apply(q, k, cos, sin)
+    return _rotary_op(q, k, cos, sin, False)
 
 
 def compile_specs() -> list[CompileSpec]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import CompileSpec, as_rows, tl, triton, triton_usable
+from kernels import CompileSpec, as_rows, device_guard, refuse_double_backward, tl, triton, triton_usable
 
 BLOCK_SIZE = 1024
 NUM_WARPS = 4
@@ -47,42 +47,69 @@ def _swiglu_bwd_kernel(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_d
     tl.store(DU + row * stride_du + cols, du.to(DU.dtype.element_ty), mask=mask)
 
 
+def _grid(m: int, n: int) -> tuple[int, int]:
+    """Rows on axis 0 (up to 2**31 - 1), column blocks on axis 1 (n / 1024, far below 65,535)."""
+    return (m, triton.cdiv(n, BLOCK_SIZE))
+
+
 def _forward(gate, up):
-    """silu(gate) * up for gate, up (..., N); also returns both as the (M, N) rows the
-    kernels read (views where possible), which the backward needs."""
+    """silu(gate) * up for gate, up (..., N), as a new contiguous tensor."""
     g2, u2 = as_rows(gate), as_rows(up)
     m, n = g2.shape
     y = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
-    _swiglu_fwd_kernel[(m, triton.cdiv(n, BLOCK_SIZE))](
+    _swiglu_fwd_kernel[_grid(m, n)](
         g2, u2, y, g2.stride(0), u2.stride(0), y.stride(0), n, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
-    return y.view(gate.shape), g2, u2
+    return y.view(gate.shape)
 
 
-def _backward(dy, g2, u2):
-    """(dgate, dup), each (M, N), for the upstream dy (..., N)."""
+def _backward(dy, gate, up):
+    """(dgate, dup), each a new contiguous (..., N) tensor, for the upstream dy (..., N)."""
+    g2, u2, dy2 = as_rows(gate), as_rows(up), as_rows(dy)
     m, n = g2.shape
-    dy2 = as_rows(dy)
     dg = torch.empty((m, n), dtype=g2.dtype, device=g2.device)
     du = torch.empty((m, n), dtype=u2.dtype, device=u2.device)
-    _swiglu_bwd_kernel[(m, triton.cdiv(n, BLOCK_SIZE))](
+    _swiglu_bwd_kernel[_grid(m, n)](
         dy2, g2, u2, dg, du, dy2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0), du.stride(0), n,
         BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
-    return dg, du
+    return dg.view(gate.shape), du.view(up.shape)
 
 
-class _SwiGLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate, up):
-        y, g2, u2 = _forward(gate, up)
-        ctx.save_for_backward(g2, u2)
-        ctx.shape = gate.shape
-        return y
+# torch.library custom ops (see kernels/__init__.py): one opaque node each for torch.compile.
+@torch.library.custom_op("minillm::swiglu", mutates_args=(), schema="(Tensor gate, Tensor up) -> Tensor")
+def _swiglu_op(gate, up):
+    with device_guard(gate):
+        return _forward(gate, up)
 
-    @staticmethod
-    def backward(ctx, dy):
-        g2, u2 = ctx.saved_tensors
-        dg, du = _backward(dy, g2, u2)
-        return dg.view(ctx.shape), du.view(ctx.shape)
+
+@torch.library.custom_op("minillm::swiglu_backward", mutates_args=(),
+                         schema="(Tensor dy, Tensor gate, Tensor up) -> (Tensor, Tensor)")
+def _swiglu_backward_op(dy, gate, up):
+    with device_guard(gate):
+        return _backward(dy, gate, up)
+
+
+@_swiglu_op.register_fake
+def _(gate, up):
+    return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+
+
+@_swiglu_backward_op.register_fake
+def _(dy, gate, up):
+    return (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device),
+            torch.empty(up.shape, dtype=up.dtype, device=up.device))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _autograd_backward(ctx, dy):
+    refuse_double_backward("swiglu")
+    gate, up = ctx.saved_tensors
+    return _swiglu_backward_op(dy, gate, up)
+
+
+_swiglu_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -103,7 +130,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"swiglu: gate is on {gate.device} but up is on {up.device}")
     if not triton_usable(gate, up) or gate.numel() == 0 or gate.dim() == 0:
         return swiglu_reference(gate, up)
-    return _SwiGLUFunction.apply(gate, up)
+    return _swiglu_op(gate, up)
 
 
 def compile_specs() -> list[CompileSpec]:

@@ -1,7 +1,9 @@
 """BERT: a bidirectional encoder with post-LN blocks (Devlin et al., 2019).
 
 Heads: masked-LM (dense -> GELU -> LayerNorm -> tied decoder), the pooler (tanh dense on
-[CLS]) and a sequence classifier on the pooled (or mean) representation.
+[CLS]) and a sequence classifier on the pooled (or mean) representation. A BERT for masked-LM
+pretraining alone is built without the pooler (config.pooler=False): a weight that gets no
+gradient breaks DistributedDataParallel; add_classifier adds it when finetuning needs it.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ class BERT(Transformer):
         c = config
         self.type_emb = nn.Embedding(c.type_vocab_size, c.n_embd) if c.type_vocab_size else None
         self.emb_norm = make_norm(c.norm, c.n_embd, c.norm_eps, bias=c.bias)
-        self.pooler = nn.Linear(c.n_embd, c.n_embd)
+        self.pooler = nn.Linear(c.n_embd, c.n_embd) if c.pooler else None
         self.mlm_dense = nn.Linear(c.n_embd, c.n_embd)
         self.mlm_norm = make_norm(c.norm, c.n_embd, c.norm_eps, bias=c.bias)
         self.mlm_decoder = nn.Linear(c.n_embd, c.vocab_size, bias=True)
@@ -61,6 +63,9 @@ class BERT(Transformer):
                 return h.mean(dim=1)
             m = attention_mask.to(h.dtype)[..., None]
             return (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+        if self.pooler is None:
+            raise ValueError("this BERT was built without a pooler (config.pooler=false, as for masked-LM "
+                             "pretraining): add_classifier(num_labels, 'cls') adds one, or pool the 'mean'")
         return torch.tanh(self.pooler(h[:, 0]))
 
     def mlm_hidden(self, h):
@@ -77,21 +82,31 @@ class BERT(Transformer):
 
     def forward(self, idx, targets=None, attention_mask=None, token_type_ids=None):
         """Masked-LM. targets: (B, T) with the original ids at masked positions and -100 elsewhere.
-        Only the positions with a target go through the vocabulary projection during training."""
+        Returns (logits (B, T, V), None) without targets, (None, mean loss over the masked
+        positions) with them. Every position goes through the head and the unmasked ones are
+        ignored by the loss (as Hugging Face does): picking the masked rows out would give a
+        tensor whose size only the data knows, a host sync each step."""
         h = self.encode(idx, attention_mask, token_type_ids)
         if targets is None:
             return self.mlm_decoder(self.mlm_hidden(h)), None
-        sel = targets.reshape(-1) != -100
-        hs = self.mlm_hidden(h.reshape(-1, h.shape[-1])[sel])
-        t = targets.reshape(-1)[sel]
-        if t.numel() == 0:  # no masked token in the batch: a zero that still has a graph
-            return None, h.sum() * 0.0
-        _, loss = lm_loss(hs, self.mlm_decoder.weight, t, self.config, bias=self.mlm_decoder.bias)
+        hs = self.mlm_hidden(h.reshape(-1, h.shape[-1]))
+        _, loss = lm_loss(hs, self.mlm_decoder.weight, targets.reshape(-1), self.config, bias=self.mlm_decoder.bias)
         return None, loss
 
     def sentence_vector(self, idx, attention_mask=None, token_type_ids=None):
         h = self.encode(idx, attention_mask, token_type_ids)
         return self.cls_dropout(self.pool(h, attention_mask))
+
+    def add_classifier(self, num_labels: int, pooling=None) -> bool:
+        """As Transformer.add_classifier; "cls" pooling on a BERT built without a pooler (one
+        pretrained on masked LM alone) adds a fresh one, initialised like the model."""
+        if num_labels and (pooling or self.config.classifier_pooling) == "cls" and self.pooler is None:
+            w = self.tok_emb.weight
+            self.pooler = nn.Linear(self.config.n_embd, self.config.n_embd, device=w.device, dtype=w.dtype)
+            nn.init.normal_(self.pooler.weight, std=self.config.init_std)
+            nn.init.zeros_(self.pooler.bias)
+            self.config = self.config.replace(pooler=True)
+        return super().add_classifier(num_labels, pooling)
 
     def classification_head(self) -> list[nn.Module]:
         """The classifier, and the pooler when it makes the sentence vector ("cls" pooling)."""

@@ -63,7 +63,8 @@ TRAINING_HELP = {
     "beta1": "AdamW beta1",
     "beta2": "AdamW beta2",
     "grad_clip": "max global gradient norm (0: no clipping)",
-    "dtype": "autocast dtype",
+    "dtype": "autocast dtype; auto: bfloat16 on CUDA GPUs (float16 before compute capability 8.0), float32 on "
+             "MPS, and on the CPU whichever of float32 and bfloat16 a timed training step says is faster",
     "compile": "torch.compile the model (compile time is not charged to --time-budget)",
     "activation_checkpointing": "recompute each block in the backward pass (less memory)",
     "eval_interval": "steps between evaluations (0: only at the end)",
@@ -87,7 +88,7 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: dict, out_defau
         if f.type in ("bool", bool):
             add_bool(g, flag, shown)
         elif f.name == "dtype":
-            g.add_argument(flag, choices=["float32", "bfloat16", "float16"], help=shown)
+            g.add_argument(flag, choices=["auto", "float32", "bfloat16", "float16"], help=shown)
         elif f.type in ("int", "Optional[int]", int):
             g.add_argument(flag, type=positive_int if f.name in ("batch_size", "grad_accum", "max_steps",
                                                                  "stop_at_step", "eval_iters", "log_interval") else int,

@@ -55,6 +55,7 @@ class ModelConfig:
     # classification heads (GPT and BERT); 0 means no head
     num_labels: int = 0
     classifier_pooling: str = "cls"  # BERT: "cls" (pooler on [CLS]) or "mean"; GPT always uses "last"
+    pooler: bool = True  # BERT: build the pooler; masked-LM pretraining does without (its loss never reaches it)
     init_std: float = 0.02
 
     # The fields that decide the weights' names and shapes: a checkpoint loads only into a model
@@ -62,6 +63,7 @@ class ModelConfig:
     shape_fields: ClassVar[tuple[str, ...]] = (
         "arch", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "n_inner", "block_size",
         "pos_encoding", "norm", "activation", "bias", "tie_embeddings", "type_vocab_size", "num_labels",
+        "pooler",
     )
     # The fields that change how the model runs or trains, never its weights nor what it computes
     # in eval mode (up to rounding): free to change when a checkpoint is loaded or a run resumed.
@@ -121,7 +123,7 @@ class ModelConfig:
             or not 0 < self.attn_scale < math.inf
         ):
             raise ValueError(f"config.attn_scale must be a positive number or null, got {_show(self.attn_scale)}")
-        for name in ("bias", "tie_embeddings", "attn_scale_by_layer", "use_kernels", "chunked_ce"):
+        for name in ("bias", "tie_embeddings", "attn_scale_by_layer", "use_kernels", "chunked_ce", "pooler"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"config.{name} must be true or false, got {_show(getattr(self, name))}")
         if self.n_embd % self.n_head:
@@ -140,6 +142,8 @@ class ModelConfig:
                 raise ValueError(f"config.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.num_labels < 0:
             raise ValueError(f"config.num_labels must be >= 0, got {self.num_labels}")
+        if self.arch == "bert" and self.num_labels and self.classifier_pooling == "cls" and not self.pooler:
+            raise ValueError("a BERT classifier with classifier_pooling='cls' reads the pooler: it needs config.pooler=true")
         n_params = self.approx_params()
         if n_params > MAX_PARAMS:
             raise ValueError(
@@ -154,7 +158,7 @@ class ModelConfig:
         attn = c * (c + 2 * kv) + c * c
         mlp = c * inner * (3 if self.activation == "swiglu" else 2)
         emb = self.vocab_size * c + (self.block_size * c if self.pos_encoding == "learned" else 0)
-        emb += self.type_vocab_size * c if self.arch == "bert" else 0
+        emb += (self.type_vocab_size * c + (c * c if self.pooler else 0)) if self.arch == "bert" else 0
         head = self.num_labels * c
         return int(emb + self.n_layer * (attn + mlp + 4 * c) + head)
 
@@ -172,8 +176,8 @@ class ModelConfig:
         shapes are equal hold interchangeable weights."""
         shape = {name: getattr(self, name) for name in self.shape_fields}
         shape.update(n_kv_head=self.kv_heads, n_inner=self.inner)
-        if self.arch != "bert":
-            del shape["type_vocab_size"]  # only BERT has token-type embeddings
+        if self.arch != "bert":  # only BERT has token-type embeddings and a pooler
+            del shape["type_vocab_size"], shape["pooler"]
         return shape
 
     def describe(self) -> str:

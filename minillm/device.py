@@ -21,19 +21,115 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). Under torchrun: gloo on CPU, nccl on GPU."""
+def resolve_device(spec: str = "auto") -> torch.device:
+    """The device a run asks for: auto (CUDA, then Apple's MPS, then the CPU), cpu, cuda, cuda:N or
+    mps. One asked for and not here is a ValueError naming it."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("mps" if _mps_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {spec!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec}: no CUDA GPU is available here (this torch {torch.__version__} "
+                             f"{'has no CUDA support' if torch.version.cuda is None else 'finds no GPU'})")
+        index = 0 if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                             f"numbered 0 to {torch.cuda.device_count() - 1}")
+        return torch.device("cuda", index)
+    if device.type == "mps":
+        if not _mps_available():
+            raise ValueError("--device mps: Apple's Metal (MPS) backend is not available here")
+        return device
+    if device.type == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"--device {spec}: {device.type} is not supported; expected auto, cpu, cuda, cuda:N or mps")
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def setup_distributed(spec: str = "auto") -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) for --device spec. Under torchrun each process takes the GPU
+    of its LOCAL_RANK and joins the group: nccl on GPUs, gloo on CPUs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local)
+    device = resolve_device(spec)
+    if world > 1 and device.type == "cuda":
+        if spec not in ("auto", "cuda"):
+            raise ValueError(f"--device {spec}: under torchrun each process uses the GPU of its LOCAL_RANK; "
+                             "pass --device cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES")
+        device = resolve_device(f"cuda:{local}")
+    if world > 1 and device.type == "mps":
+        raise ValueError("--device mps: torch.distributed has no MPS backend; run one process on MPS")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def resolve_dtype(spec: str, device: torch.device, step=None, log=print) -> str:
+    """The autocast dtype for --dtype spec on this device. auto: bfloat16 on CUDA GPUs with
+    bfloat16 tensor cores (compute capability 8.0+), float16 with the loss scaler on older ones,
+    float32 on MPS; on the CPU float32 unless a training step (`step()`: one forward and backward)
+    is measured faster under bfloat16 autocast (CPUs with AMX or AVX512-BF16 can be; ones without
+    bf16 units are ~100x slower, and at small widths the casts cost more than they save).
+    float32 on CUDA lets matmuls use TF32 tensor cores."""
+    if spec == "auto":
+        if device.type == "cuda":
+            spec = "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float16"
+        elif device.type == "cpu" and step is not None:
+            fp32, bf16 = step_seconds(step, device, ("float32", "bfloat16"))
+            spec = "bfloat16" if bf16 < 0.8 * fp32 else "float32"  # a clear win, not noise
+            log(f"--dtype auto: a training step takes {1e3 * fp32:.0f} ms in float32 and {1e3 * bf16:.0f} ms "
+                f"under bfloat16 autocast here: {spec}")
+        else:
+            spec = "float32"
+    if spec not in DTYPES:
+        raise ValueError(f"--dtype must be auto or one of {list(DTYPES)}, got {spec!r}")
+    if device.type == "mps" and spec != "float32":
+        raise ValueError(f"--dtype {spec} on MPS: minillm trains in float32 there (autocast and the "
+                         "float16 loss scaler are not available on MPS in every torch it supports)")
+    if device.type == "cuda" and spec == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} does not support bfloat16; "
+                         "use --dtype float16 (with its loss scaler) or float32")
+    if device.type == "cuda" and spec == "float32":
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on TF32 tensor cores (~8x)
+        torch.backends.cudnn.allow_tf32 = True
+    return spec
+
+
+def step_seconds(step, device: torch.device, dtypes: tuple, reps: int = 3) -> list:
+    """Median seconds of step() under each dtype's autocast, after a warm-up, the dtypes taking
+    turns (a shared machine's load then weighs on both alike). The random state is left as it was.
+    A dtype more than 3x slower than the first one is dropped after one repetition."""
+    times = {dt: [] for dt in dtypes}
+    with torch.random.fork_rng(devices=[]):
+        for i in range(reps + 1):  # the first round is a warm-up
+            for dt in dtypes:
+                if i > 1 and times[dt][-1] > 3 * times[dtypes[0]][-1]:
+                    continue  # hopeless here (bfloat16 on a CPU without bf16 units): no need to measure it well
+                t0 = time.perf_counter()
+                with autocast(device, dt):
+                    step()
+                times[dt].append(time.perf_counter() - t0)
+    return [sorted(times[dt][1:])[(len(times[dt]) - 1) // 2] for dt in dtypes]
+
+
+def check_device_support(device: torch.device, use_kernels: bool = False, attention_backend: str = "auto") -> None:
+    """What a device cannot do is refused in one line (Triton runs on CUDA GPUs only)."""
+    if device.type == "mps" and use_kernels:
+        raise ValueError("--use-kernels on MPS: the Triton kernels run on CUDA GPUs only; drop the flag")
+    if device.type == "mps" and attention_backend == "triton":
+        raise ValueError("--attention-backend triton on MPS: the Triton kernel runs on CUDA GPUs only; "
+                         "use auto, sdpa or naive")
 
 
 def wrap_ddp(model: nn.Module, device: torch.device, world: int) -> nn.Module:
@@ -93,26 +189,35 @@ def evaluating(model: nn.Module, device: torch.device, dtype: str):
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def measure_matmul_peak(device: torch.device, dtype: str, n: int = 1024, reps: int = 10) -> float:
-    """FLOP/s of an n x n matmul in this dtype on this device: the denominator of MFU."""
+def measure_matmul_peak(device: torch.device, dtype: str, n=None, reps: int = 10) -> float:
+    """FLOP/s of an n x n matmul in this dtype on this device: the denominator of MFU. On a GPU
+    n = 8192 timed between CUDA events (a 1024^3 matmul mostly measures launch overhead there and
+    under-states the peak); on the CPU n = 1024, which the CPU recipes' matmuls are close to."""
+    n = n or (8192 if device.type == "cuda" else 1024)
     dt = DTYPES[dtype]
     g = torch.Generator().manual_seed(0)  # leaves the global RNG (dropout, init) untouched
     a = torch.randn(n, n, generator=g).to(device=device, dtype=dt)
     b = torch.randn(n, n, generator=g).to(device=device, dtype=dt)
     for _ in range(2):
         a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
         if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            a @ b
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            a @ b
+            if device.type == "mps":
+                torch.mps.synchronize()
+            times.append(time.perf_counter() - t0)
     return 2 * n**3 / sorted(times)[len(times) // 2]
 
 

@@ -10,6 +10,7 @@ import argparse
 import torch
 
 from .cli import run_main
+from .device import DTYPES, autocast, check_device_support, resolve_device, resolve_dtype
 from .pretrained import load_finetuned
 
 
@@ -24,13 +25,18 @@ def main(argv=None) -> int:
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", help="the base model of a LoRA checkpoint, when it has moved")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto: CUDA, then MPS, then CPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="autocast dtype (default: auto: bfloat16 on CUDA GPUs, float16 on ones before compute capability 8.0, "
+                        "float32 elsewhere)")
     args = p.parse_args(argv)
     if args.tokens < 0:
         raise ValueError(f"--tokens must be >= 0, got {args.tokens}")
     if args.num_samples <= 0:
         raise ValueError(f"--num-samples must be positive, got {args.num_samples}")
 
+    device = resolve_device(args.device)
+    check_device_support(device)
     model, tokenizer, cfg = load_finetuned(args.ckpt, base=args.base)
     if model.config.arch != "gpt":
         raise ValueError(f"{args.ckpt}: holds a {model.config.arch.upper()} model; generation needs a GPT")
@@ -38,16 +44,21 @@ def main(argv=None) -> int:
         raise ValueError(f"{args.ckpt}: holds a classifier; label text with python -m minillm.predict --ckpt {args.ckpt}")
     if tokenizer is None:
         raise ValueError(f"{args.ckpt}: the checkpoint has no tokenizer file")
-    if not cfg.get("quantized"):  # the int8 copy runs on the CPU
-        model.to(args.device)
+    if cfg.get("quantized"):  # the int8 copy runs on the CPU only
+        if device.type != "cpu" and args.device != "auto":
+            raise ValueError(f"--device {args.device}: {args.ckpt} holds an int8 copy, which runs on the CPU only")
+        device = torch.device("cpu")
+    dtype = resolve_dtype(args.dtype, device)
+    model.to(device)
     model.eval()
     ids = tokenizer.encode(args.prompt)
     if not ids:  # an empty prompt starts from the end-of-text token, or a newline
         ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else tokenizer.encode("\n")
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    x = torch.tensor([ids] * args.num_samples, device=args.device)
-    out = model.generate(x, args.tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         generator=gen)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    x = torch.tensor([ids] * args.num_samples, device=device)
+    with autocast(device, dtype):
+        out = model.generate(x, args.tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             generator=gen)
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")

@@ -32,11 +32,12 @@ class GPT(Transformer):
             self.lm_head.weight = self.tok_emb.weight
 
     def hidden_states(self, idx, attention_mask=None, kv_cache: Optional[KVCache] = None):
-        """Final (normed) hidden states, (B, T, C). attention_mask: (B, T) with 1 at real tokens
-        (padding must be on the right for causal models)."""
+        """Final (normed) hidden states, (B, T, C). attention_mask: 1 at real tokens, 0 at padding,
+        over every position attended to: (B, T), or (B, start + T) after `start` tokens in the
+        KV cache. Padding on the right is what the triton backend takes; the others take any."""
         start = kv_cache.pos if kv_cache is not None else 0
         self.check_input(idx, start)
-        key_padding_mask = self.padding_mask(idx, attention_mask)
+        key_padding_mask = self.padding_mask(idx, attention_mask, start)
         x = self.drop(self.embed(idx, start))
         x = self.run_blocks(x, causal=True, key_padding_mask=key_padding_mask, kv_cache=kv_cache, start=start)
         return self.norm_f(x)
@@ -60,10 +61,10 @@ class GPT(Transformer):
         return h[torch.arange(idx.shape[0], device=idx.device), last]
 
     def new_kv_cache(self, batch: int, max_len: Optional[int] = None, dtype=None, device=None) -> KVCache:
+        """dtype None: the dtype the layers compute in, autocast's under autocast (see KVCache)."""
         c = self.config
-        p = self.tok_emb.weight
         return KVCache(c.n_layer, batch, c.kv_heads, max_len or c.block_size, c.head_dim,
-                       dtype=dtype or p.dtype, device=device or p.device)
+                       dtype=dtype, device=device or self.tok_emb.weight.device)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,

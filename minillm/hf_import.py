@@ -342,6 +342,8 @@ def save_hf(model, directory: str, id2label: dict | None = None) -> None:
                 continue
             if hf_name.startswith("cls.") and c.num_labels:
                 continue
+            if hf_name.startswith("pooler.") and not c.pooler:  # masked-LM pretraining builds none
+                continue
             t = ours[our_name]
             if tr in ("q", "k", "v"):
                 t = t[{"q": 0, "k": 1, "v": 2}[tr] * d : ({"q": 0, "k": 1, "v": 2}[tr] + 1) * d].contiguous()

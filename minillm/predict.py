@@ -32,6 +32,7 @@ from .classification_data import (
     to_examples,
 )
 from .cli import run_main
+from .device import DTYPES, autocast, check_device_support, resolve_device, resolve_dtype
 from .pretrained import load_finetuned
 
 # Where the model's training column is missing from a table, the first of these found is read.
@@ -76,18 +77,27 @@ def main(argv=None) -> int:
     p.add_argument("--base", help="the base model of a LoRA checkpoint, when it has moved")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", action="store_true", help="JSON lines instead of tab-separated columns")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto: CUDA, then MPS, then CPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="autocast dtype (default: auto: bfloat16 on CUDA GPUs, float16 on ones before compute capability 8.0, "
+                        "float32 elsewhere)")
     args = p.parse_args(argv)
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
 
+    device = resolve_device(args.device)
+    check_device_support(device)
     model, tokenizer, cfg = load_finetuned(args.ckpt, base=args.base)
     if not model.config.num_labels or not cfg.get("labels"):
         raise ValueError(f"{args.ckpt}: holds no classifier (for a language model use python -m minillm.generate)")
     if tokenizer is None:
         raise ValueError(f"{args.ckpt}: the checkpoint has no tokenizer file")
-    if not cfg.get("quantized"):  # the int8 copy runs on the CPU only
-        model.to(args.device)
+    if cfg.get("quantized"):  # the int8 copy runs on the CPU only
+        if device.type != "cpu" and args.device != "auto":
+            raise ValueError(f"--device {args.device}: {args.ckpt} holds an int8 copy, which runs on the CPU only")
+        device = torch.device("cpu")
+    dtype = resolve_dtype(args.dtype, device)
+    model.to(device)
     labels = cfg["labels"]
     ft = cfg.get("finetune") or {}
     if args.text_pair_col is None:
@@ -98,7 +108,8 @@ def main(argv=None) -> int:
     encoded = encode_examples(tokenizer, [Example(t, b, None, i) for i, (t, b) in enumerate(inputs)],
                               ft.get("max_len", model.config.block_size))
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    probs = F.softmax(predict_logits(model, encoded, pad, args.batch_size), dim=-1)
+    with autocast(device, dtype):
+        probs = F.softmax(predict_logits(model, encoded, pad, args.batch_size).float(), dim=-1)
     if not args.json:
         print("\t".join(["label"] + [f"p({name})" for name in labels] + ["text"]))
     for (text, pair), pr in zip(inputs, probs):

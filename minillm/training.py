@@ -46,7 +46,7 @@ class TrainSettings:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
-    dtype: str = "float32"  # autocast dtype: float32 | bfloat16 | float16 (with a loss scaler)
+    dtype: str = "auto"  # autocast dtype: auto (device.resolve_dtype) | float32 | bfloat16 | float16 (with a loss scaler)
     compile: bool = False  # torch.compile the model (its compile time is not charged to time_budget)
     activation_checkpointing: bool = False  # recompute each block in the backward pass
     eval_interval: int = 250  # steps between evaluations (0: only at the end)
@@ -79,7 +79,7 @@ class TrainSettings:
             (finite(self.beta1) and 0 <= self.beta1 < 1, f"--beta1 must be in [0, 1), got {self.beta1}"),
             (finite(self.beta2) and 0 <= self.beta2 < 1, f"--beta2 must be in [0, 1), got {self.beta2}"),
             (finite(self.grad_clip) and self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}"),
-            (self.dtype in DTYPES, f"--dtype must be one of {list(DTYPES)}, got {self.dtype!r}"),
+            (self.dtype == "auto" or self.dtype in DTYPES, f"--dtype must be auto or one of {list(DTYPES)}, got {self.dtype!r}"),
             (self.eval_interval >= 0, f"--eval-interval must be >= 0, got {self.eval_interval}"),
             (self.ckpt_interval >= 0, f"--ckpt-interval must be >= 0, got {self.ckpt_interval}"),
             (finite(self.ckpt_seconds) and self.ckpt_seconds > 0, f"--ckpt-seconds must be positive, got {self.ckpt_seconds}"),
@@ -236,6 +236,9 @@ def save_training(out: str, model, optimizer, scaler, state: TrainState, setting
         "torch_rng": ckpt_io.rng_to_json(torch.get_rng_state()), "python_rng": list(random.getstate()),
         "scaler": {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in scaler.state_dict().items()},
     }
+    device = next(model.parameters()).device
+    if device.type == "cuda":  # dropout on a GPU draws from the GPU's generator
+        trainer_state["cuda_rng"] = ckpt_io.rng_to_json(torch.cuda.get_rng_state(device))
     return ckpt_io.save_checkpoint(out, model, config, tokenizer, optimizer=optimizer, trainer_state=trainer_state,
                                    extra_config=extra, tensors=tensors() if tensors is not None else None)
 
@@ -255,6 +258,9 @@ def resume_training(ckpt: str, model, optimizer, scaler, state: TrainState, data
         state.items_seen, state.skips = int(st.get("items_seen", 0)), int(st.get("skips", 0))
         state.compile_seconds, state.last_save = float(st.get("compile_seconds", 0.0)), state.elapsed
         torch.set_rng_state(ckpt_io.rng_from_json(st["torch_rng"]))
+        device = next(model.parameters()).device
+        if device.type == "cuda" and st.get("cuda_rng"):
+            torch.cuda.set_rng_state(ckpt_io.rng_from_json(st["cuda_rng"]), device)
         version, internal, gauss = st["python_rng"]
         random.setstate((version, tuple(internal), gauss))
         if st.get("scaler"):

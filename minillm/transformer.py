@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import KVCache, MultiHeadAttention
+from .attention import KVCache, MultiHeadAttention, right_padded_lengths
 from .config import ModelConfig
 from .kernel_dispatch import use_triton
 from .mlp import MLP
@@ -75,22 +75,30 @@ def init_weights(model: nn.Module, config: ModelConfig) -> None:
 
 
 def lm_loss(hidden, weight, targets, config: ModelConfig, bias=None, ignore_index: int = -100):
-    """(logits or None, loss): the mean cross-entropy of the logits hidden @ weight^T + bias.
+    """(logits or None, loss): the mean cross-entropy of the logits hidden @ weight^T + bias over
+    the tokens with a target, 0 when none has one (a masked-LM batch with no masked token).
     hidden: (N, C); weight: (V, C); targets: (N,), ignore_index where nothing is predicted.
+
+    The mean is the summed loss over the token count kept on the device: reading the count on
+    the host (or selecting the predicted rows, whose number is data-dependent) would stall the
+    GPU every step.
 
     config.chunked_ce walks the tokens in chunks, so the (N, V) logits never exist (None is
     returned for them). Otherwise the logits are built, and with config.use_kernels the Triton
     cross-entropy computes the loss and its gradient in one pass, with no softmax tensor."""
+    count = (targets != ignore_index).sum().clamp(min=1)
     if config.chunked_ce:
         from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
-        return None, fused_linear_cross_entropy(hidden, weight, targets, bias=bias, ignore_index=ignore_index)
+        total = fused_linear_cross_entropy(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
+                                           reduction="sum")
+        return None, total / count
     logits = F.linear(hidden, weight, bias)
     if use_triton(config.use_kernels, logits):
         from kernels.cross_entropy import cross_entropy
 
-        return logits, cross_entropy(logits, targets, ignore_index=ignore_index)
-    return logits, F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
+        return logits, cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum") / count
+    return logits, F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum") / count
 
 
 class Transformer(nn.Module):
@@ -130,14 +138,16 @@ class Transformer(nn.Module):
             )
 
     @staticmethod
-    def padding_mask(idx: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """attention_mask (B, T), 1 at real tokens, as the boolean key-padding mask attention takes."""
+    def padding_mask(idx: torch.Tensor, attention_mask: Optional[torch.Tensor], start: int = 0) -> Optional[torch.Tensor]:
+        """attention_mask, 1 at real tokens, as the boolean key-padding mask attention takes. It
+        covers every key the new tokens attend to: (B, start + T) after `start` cached tokens,
+        as Hugging Face's models take it."""
         if attention_mask is None:
             return None
-        if attention_mask.shape != idx.shape:
-            raise ValueError(
-                f"attention_mask shape {tuple(attention_mask.shape)} must equal the ids' {tuple(idx.shape)}"
-            )
+        expected = (idx.shape[0], start + idx.shape[1])
+        if tuple(attention_mask.shape) != expected:
+            keys = f"{start} cached + {idx.shape[1]} new tokens" if start else "tokens"
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must be (batch, {keys}) = {expected}")
         return attention_mask.bool()
 
     # -- the trunk --------------------------------------------------------------------------------
@@ -152,7 +162,13 @@ class Transformer(nn.Module):
     def run_blocks(self, x, causal, key_padding_mask=None, kv_cache: Optional[KVCache] = None, start=0,
                    all_hidden=None):
         t = x.shape[1]
-        kw = dict(is_causal=causal, key_padding_mask=key_padding_mask, kv_cache=kv_cache)
+        kv_lens = None
+        if key_padding_mask is not None and self.config.attention_backend == "triton":
+            # The kernel takes padding as lengths; proving the mask right-padded is a host sync,
+            # paid here once per forward rather than in every layer. (`auto` keeps padded
+            # inputs on SDPA, with no sync at all.)
+            kv_lens = right_padded_lengths(key_padding_mask)
+        kw = dict(is_causal=causal, key_padding_mask=key_padding_mask, kv_cache=kv_cache, kv_lens=kv_lens)
         if self.rotary is not None:
             kw["rotary"] = self.rotary(start, t)
         if self.config.pos_encoding == "alibi":

@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from minillm.attention import attention, causal_mask, resolve_backend, scaled_dot_product_attention
+import minillm.attention as attn_module
+from minillm.attention import attention, auto_backend, causal_mask, kernel_device, scaled_dot_product_attention
+from kernel_check import DEVICE, launches
 
 NEG_INF = float("-inf")
 
@@ -323,32 +325,124 @@ def test_fully_masked_rows_give_zeros_without_nan(impl, dtype, kind):
 # Dispatch and bad input.
 
 
-def test_auto_backend_is_sdpa_on_cpu():
-    assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
-    assert resolve_backend("naive", torch.device("cpu")) == "naive"
+def test_auto_backend_is_sdpa_off_a_gpu():
+    q = torch.zeros(1, 2, 3, 64)
+    assert auto_backend(q, q) == "sdpa"
+    assert not kernel_device(torch.device("cpu"))
 
 
-def test_auto_backend_picks_what_supports_the_inputs(monkeypatch):
-    """On CUDA, `auto` takes the Triton kernel only for inputs it runs: any mask (a padding mask
-    may have holes or left padding), dropout, head dims that are not a multiple of 8 or over
-    256, float64 all go to SDPA instead of raising where the CPU works."""
-    import minillm.attention as attn
+@pytest.mark.parametrize("capability,expected", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_kernel_device_needs_compute_capability_8(monkeypatch, capability, expected):
+    monkeypatch.setattr(attn_module, "triton_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert kernel_device(torch.device("cuda")) is expected
+    monkeypatch.setattr(attn_module, "triton_available", lambda: False)  # Triton not installed
+    assert not kernel_device(torch.device("cuda"))
 
-    monkeypatch.setattr(attn, "triton_available", lambda: True)
-    cuda = torch.device("cuda")
-    assert resolve_backend("auto", cuda) == "triton"
-    assert resolve_backend("auto", cuda, needs_mask=True) == "sdpa"
-    assert resolve_backend("auto", cuda, kernel_takes=False) == "sdpa"
-    assert attn.triton_takes(torch.zeros(1, 1, 1, 64), torch.zeros(1, 1, 1, 64))
-    for d, dtype in ((12, torch.float32), (264, torch.float32), (4, torch.float16), (64, torch.float64)):
-        assert not attn.triton_takes(torch.zeros(1, 1, 1, d, dtype=dtype), torch.zeros(1, 1, 1, d, dtype=dtype)), (d, dtype)
+
+def _flash_kernels():
+    """Every @triton.jit kernel of kernels/flash_attention.py (a device function is never
+    launched, so counting them all counts the launches of whichever forward kernel runs)."""
+    import kernels.flash_attention as fa
+
+    return [f for f in vars(fa).values() if hasattr(f, "pre_run_hooks")]
+
+
+def _right_padded(lengths, tk):
+    return torch.arange(tk)[None, :] < torch.tensor(lengths)[:, None]
+
+
+# name: (inputs, attention kwargs, what `auto` runs on a GPU of compute capability >= 8.0).
+# Inputs: (B, H, Hkv, Tq, Tk, D, dtype). Tq < Tk is a chunk of queries after cached keys.
+AUTO_CASES = {
+    "causal": ((2, 4, 2, 5, 5, 16, torch.float32), dict(is_causal=True), "triton"),
+    "decode step": ((2, 4, 2, 1, 6, 16, torch.float16), dict(is_causal=True), "triton"),
+    "right padding with lengths": ((2, 2, 2, 3, 6, 16, torch.float32),
+                                   dict(key_padding_mask=_right_padded([6, 4], 6), kv_lens=torch.tensor([6, 4]),
+                                        is_causal=True), "triton"),
+    "right padding, no lengths": ((2, 2, 2, 4, 4, 16, torch.float32),
+                                  dict(key_padding_mask=_right_padded([4, 2], 4)), "sdpa"),
+    "left padding": ((2, 2, 2, 4, 4, 16, torch.float32),
+                     dict(key_padding_mask=torch.tensor([[True] * 4, [False, False, True, True]])), "sdpa"),
+    "holes": ((2, 2, 1, 1, 5, 16, torch.float32),  # a decode step after a right-padded prompt
+              dict(key_padding_mask=torch.tensor([[True] * 5, [True, True, False, False, True]]),
+                   is_causal=True), "sdpa"),
+    "head dim 12": ((1, 2, 2, 3, 3, 12, torch.float32), dict(is_causal=True), "sdpa"),
+    "head dim 264": ((1, 1, 1, 2, 2, 264, torch.float32), dict(), "sdpa"),
+    "float64": ((1, 2, 2, 3, 3, 16, torch.float64), dict(is_causal=True), "sdpa"),
+    "dropout": ((1, 2, 2, 3, 3, 16, torch.float32), dict(dropout_p=0.5), "sdpa"),
+    "additive mask (ALiBi)": ((1, 2, 2, 3, 3, 16, torch.float32),
+                              dict(attn_mask=-torch.arange(3.0)[None, None, :].expand(2, 3, 3).contiguous(),
+                                   is_causal=True), "sdpa"),
+    "boolean mask": ((1, 2, 2, 3, 3, 16, torch.float32),
+                     dict(attn_mask=torch.tensor([[True, False, True]] * 3)), "sdpa"),
+}
+
+
+@pytest.mark.parametrize("capability", [8, 7])
+@pytest.mark.parametrize("case", sorted(AUTO_CASES))
+def test_auto_never_raises_and_matches_naive(monkeypatch, case, capability):
+    """On a GPU, `auto` runs our kernel only on what it supports and gives everything else to SDPA:
+    it never raises where the CPU works. Here a GPU of compute capability 8.0 (or 7.x, which
+    gets SDPA throughout) is pretended; the kernel runs under the interpreter, or natively on a
+    GPU machine."""
+    (b, h, hkv, tq, tk, d, dtype), kw, expected = AUTO_CASES[case]
+    if capability < 8:
+        expected = "sdpa"
+    monkeypatch.setattr(attn_module, "kernel_device", lambda device: capability >= 8)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*shape, generator=g).to(DEVICE, dtype)
+               for shape in ((b, h, tq, d), (b, hkv, tk, d), (b, hkv, tk, d)))
+    kw = {name: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for name, t in kw.items()}
+    assert auto_backend(q, k, kw.get("attn_mask"), kw.get("key_padding_mask"), kw.get("dropout_p", 0.0),
+                        kw.get("kv_lens")) == expected
+    with launches(*_flash_kernels()) as counts:
+        out = attention(q, k, v, backend="auto", **kw)
+    assert (sum(counts.values()) > 0) == (expected == "triton"), dict(counts)
+    assert out.shape == q.shape and out.dtype == dtype and torch.isfinite(out).all()
+    if "dropout_p" in kw:  # random: the two backends draw different dropout masks
+        return
+    naive_kw = {name: t for name, t in kw.items() if name != "kv_lens"}
+    ref = scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                       **{n: t.double() if n == "attn_mask" and t.is_floating_point() else t
+                                          for n, t in naive_kw.items()})
+    tol = 2e-3 if dtype == torch.float16 else 2e-5
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+
+
+def test_sdpa_gets_a_small_mask(monkeypatch):
+    """The SDPA backend hands torch no (B, H, Tq, Tk) float bias: is_causal where torch's own
+    causal mask is ours, a boolean mask without the head dimension for padding, an additive
+    bias without the batch dimension for ALiBi; and enable_gqa (torch >= 2.5) instead of copied
+    key/value heads when there is no mask."""
     seen = []
-    real = attn.resolve_backend
-    monkeypatch.setattr(attn, "resolve_backend", lambda *a, **k: seen.append(k) or real(*a, **k))
-    q, k, v = _qkv()
-    left_padded = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    attention(q, k, v, key_padding_mask=left_padded)
-    assert seen[-1]["needs_mask"], "a padding mask must keep `auto` off the Triton kernel"
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append(dict(mask=attn_mask, k_heads=k.shape[1], **kw))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    b, h, hkv, t, d = 3, 4, 2, 5, 8
+    q, k, v = torch.randn(b, h, t, d), torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
+    pad = _right_padded([5, 3, 4], t)
+
+    attention(q, k, v, backend="sdpa", is_causal=True)
+    assert seen[-1]["mask"] is None and seen[-1]["is_causal"]
+    assert seen[-1]["k_heads"] == (hkv if attn_module.SDPA_HAS_GQA else h)
+    assert seen[-1].get("enable_gqa", False) == attn_module.SDPA_HAS_GQA
+
+    attention(q[:, :, -1:], k, v, backend="sdpa", is_causal=True)  # a decode step
+    assert seen[-1]["mask"] is None and not seen[-1]["is_causal"]  # one query sees every key
+
+    attention(q, k, v, backend="sdpa", is_causal=True, key_padding_mask=pad)
+    m = seen[-1]["mask"]
+    assert m.dtype == torch.bool and tuple(m.shape) == (b, 1, t, t)
+
+    alibi = -torch.rand(h, t, t)
+    attention(q, k, v, backend="sdpa", is_causal=True, attn_mask=alibi)
+    m = seen[-1]["mask"]
+    assert m.is_floating_point() and m.numel() == h * t * t, tuple(m.shape)  # not expanded to the batch
 
 
 def _qkv(b=2, h=4, hkv=2, tq=3, tk=5, d=8):

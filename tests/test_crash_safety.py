@@ -29,7 +29,7 @@ SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "inp
 STEPS = 24
 ARGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
         "--eval-iters", "2", "--no-progress", "--sample-tokens", "0", "--warmup-steps", "3", "--dropout", "0.1",
-        "--ckpt-interval", "1", "--eval-interval", "10", "--log-interval", "1", "--max-steps", str(STEPS)]
+        "--ckpt-interval", "1", "--eval-interval", "10", "--log-interval", "1", "--max-steps", str(STEPS), "--dtype", "float32"]
 FILES = ("model.safetensors", "optimizer.safetensors", "config.json", "trainer_state.json", "char_tokenizer.json")
 PAUSE = 0.05  # seconds after each file of a save; three times that after each rename
 

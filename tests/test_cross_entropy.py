@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import kernels.cross_entropy as ce
 from kernels.cross_entropy import cross_entropy, cross_entropy_reference, loss_and_dlogits
-from kernel_check import DTYPES, assert_fa2, launches, outputs_and_grads
+from kernel_check import DEVICE, DTYPES, assert_fa2, launches, outputs_and_grads
 
 GRAD_TOL = {torch.float32: (1e-6, 1e-5), torch.float16: (1e-4, 1e-3), torch.bfloat16: (1e-3, 8e-3)}
 
@@ -139,7 +139,8 @@ def test_logits_are_not_modified_and_in_place_agrees():
     before = logits.clone()
     check(logits, targets)
     assert torch.equal(logits, before)
-    scale = torch.tensor(0.25)
+    logits, targets = logits.to(DEVICE), targets.to(DEVICE)
+    scale = torch.tensor(0.25, device=DEVICE)
     loss_a, grad_a = loss_and_dlogits(logits, targets, grad_scale=scale)
     buf = logits.clone()
     loss_b, grad_b = loss_and_dlogits(buf, targets, grad_scale=scale, out=buf)
@@ -152,9 +153,11 @@ def test_logits_are_not_modified_and_in_place_agrees():
 @pytest.mark.parametrize("in_place", [False, True])
 def test_pytorch_path_of_loss_and_dlogits_agrees_with_kernel(monkeypatch, dtype, in_place):
     """The chunked linear + CE uses this helper on both paths: they must agree."""
-    logits, targets = make(7, 500, dtype)
-    scale = torch.tensor(1 / 5)
-    kernel = loss_and_dlogits(logits, targets, grad_scale=scale, label_smoothing=0.1)
+    logits, targets = (t.to(DEVICE) for t in make(7, 500, dtype))
+    scale = torch.tensor(1 / 5, device=DEVICE)
+    with launches(ce._cross_entropy_fwd_kernel) as counts:
+        kernel = loss_and_dlogits(logits, targets, grad_scale=scale, label_smoothing=0.1)
+    assert counts[ce._cross_entropy_fwd_kernel.__name__] > 0, "the kernel did not run (a fallback took over)"
     monkeypatch.setattr(ce, "triton_usable", lambda *t: False)
     buf = logits.clone()
     torch_path = loss_and_dlogits(buf, targets, grad_scale=scale, label_smoothing=0.1,
@@ -180,13 +183,47 @@ def test_no_grad_forward_skips_the_gradient(monkeypatch):
     torch.testing.assert_close(loss, F.cross_entropy(logits.detach(), targets))
 
 
-def test_double_backward_is_refused():
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_float16_gradient_is_not_flushed_to_zero(reduction):
+    """float16 logits, a GradScaler-like loss scale (2**14) and a mean over 512 tokens: the
+    kernel used to store dlogits in float16 already divided by the token count, so every
+    probability under ~1.5e-5 was 0 before the scale applied (most of the non-target entries;
+    94-100% at 8,192 tokens). Ours may have no more zeros than torch's own float16 path."""
+    logits, targets = make(512, 512, torch.float16, ignore_frac=0.0)
+    upstream = torch.tensor(2.0**14) if reduction == "mean" else torch.full((512,), 2.0**14 / 512)
+    kw = dict(reduction=reduction)
+    with launches(ce._cross_entropy_fwd_kernel) as counts:
+        _, grad = loss_and_grad(cross_entropy, logits, targets, upstream, **kw)
+    assert counts[ce._cross_entropy_fwd_kernel.__name__] > 0, "the kernel did not run (a fallback took over)"
+    _, lowp_grad = loss_and_grad(torch_cross_entropy, logits, targets, upstream, **kw)
+    _, ref_grad = loss_and_grad(torch_cross_entropy, logits.double(), targets, upstream, **kw)
+    non_target = torch.ones(logits.shape, dtype=torch.bool, device=grad.device)
+    non_target[torch.arange(512), targets] = False
+    zeros = (grad[non_target] == 0).float().mean().item()
+    torch_zeros = (lowp_grad[non_target] == 0).float().mean().item()
+    assert zeros <= torch_zeros, f"{zeros:.1%} of non-target dlogits are 0, torch's float16: {torch_zeros:.1%}"
+    assert grad.dtype == torch.float16
+    assert_fa2("dlogits (float16)", grad, ref_grad, lowp_grad, *GRAD_TOL[torch.float16])
+
+
+def test_backward_twice_with_retain_graph():
+    """The stored gradient is not consumed by the first backward: a second one adds the same."""
     logits, targets = make(3, 10, torch.float32, ignore_frac=0.0)
-    x = logits.requires_grad_()
-    loss = cross_entropy(x, targets)
+    x = logits.to(DEVICE).requires_grad_()
+    loss = cross_entropy(x, targets.to(DEVICE))
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="retain_graph"):
-        loss.backward()
+    first = x.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * first, atol=0, rtol=0)
+
+
+def test_create_graph_is_refused():
+    """The gradient is computed by the kernel, not by differentiable torch ops: a second-order
+    gradient (create_graph=True) raises instead of silently coming back detached."""
+    logits, targets = make(3, 10, torch.float32, ignore_frac=0.0)
+    x = logits.to(DEVICE).requires_grad_()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(cross_entropy(x, targets.to(DEVICE)), x, create_graph=True)
 
 
 def test_fallback_without_triton(monkeypatch):

@@ -23,7 +23,7 @@ import finetune  # noqa: E402
 
 POS, NEG, FILL = ["good", "great", "fine"], ["bad", "awful", "poor"], ["the", "movie", "was", "a", "plot", "it", "film"]
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POS, *NEG, *FILL, "neutral", ",", "."]
-QUICK = ["--no-progress", "--batch-size", "8", "--log-interval", "1", "--warmup-steps", "2"]
+QUICK = ["--no-progress", "--batch-size", "8", "--log-interval", "1", "--warmup-steps", "2", "--dtype", "float32"]
 
 
 def sentences(n, seed, labels=("pos", "neg")):
@@ -348,6 +348,17 @@ def expect_error(proc, *words):
         assert w in lines[0], (w, lines[0])
 
 
+def test_dtype_auto_is_chosen_once_and_kept(tmp_path, data, bert_dir):
+    """--dtype auto times a step and picks; the checkpoint keeps the choice, and --resume runs on in it."""
+    out = tmp_path / "o"
+    run(["--init", bert_dir, "--train", data["train"], "--out", out, *QUICK, "--dtype", "auto", "--max-steps", "3",
+         "--stop-at-step", "1"])
+    chosen = json.load(open(out / "checkpoint" / "config.json"))["train"]["dtype"]
+    assert chosen in ("float32", "bfloat16")
+    run(["--init", bert_dir, "--train", data["train"], "--out", out, "--no-progress", "--resume", "--max-steps", "3"])
+    assert summary(out)["dtype"] == chosen and summary(out)["steps"] == 3
+
+
 def test_bad_input_cli_exit_2(tmp_path, data, bert_dir):
     bad = tmp_path / "bad.tsv"
     bad.write_text("sentence\tlabel\ngood film\t1\nbad\tfilm\t0\n")
@@ -360,7 +371,7 @@ def test_bad_input_cli_exit_2(tmp_path, data, bert_dir):
 
 
 @pytest.mark.parametrize("case", ["no-label-col", "single-class", "jsonl-line", "eval-label", "tokenizer", "not-a-model",
-                                  "head-lm", "export-mean", "resume-none", "sft-bert"])
+                                  "head-lm", "export-mean", "resume-none", "sft-bert", "device"])
 def test_bad_input_messages(tmp_path, data, bert_dir, gpt_ckpt, case):
     d = tmp_path
     args = ["--init", bert_dir, "--train", data["train"], "--out", d / "o", "--max-steps", "1", *QUICK]
@@ -393,6 +404,10 @@ def test_bad_input_messages(tmp_path, data, bert_dir, gpt_ckpt, case):
     elif case == "resume-none":
         args += ["--resume"]
         words = ["--resume", "no checkpoint"]
+    elif case == "device":
+        spec = "cuda:99" if torch.cuda.is_available() else "cuda"
+        args += ["--device", spec]
+        words = [f"--device {spec}", "numbered" if torch.cuda.is_available() else "no CUDA GPU"]
     else:
         (d / "p.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
         args[3] = str(d / "p.jsonl")

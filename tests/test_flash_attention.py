@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 import kernels
 import kernels.flash_attention as fa
 from kernels.flash_attention import attention_reference, flash_attention
-from kernel_check import assert_fa2, launches, outputs_and_grads
+from kernel_check import DEVICE, assert_fa2, launches, outputs_and_grads
 
 EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 1e-4}
 KERNELS = (fa._attn_fwd, fa._attn_bwd_preprocess, fa._attn_bwd_dkdv, fa._attn_bwd_dq)
@@ -196,8 +196,8 @@ def test_strided_inputs_and_determinism():
     no copies needed, same numbers as contiguous inputs, and bitwise-repeatable gradients."""
     B, T, H, D = 2, 21, 2, 32
     g = torch.Generator().manual_seed(1)
-    q = torch.randn(B, T, H, D, generator=g).half().transpose(1, 2)
-    cache = torch.randn(2, B, H, 64, D, generator=g).half()
+    q = torch.randn(B, T, H, D, generator=g).half().to(DEVICE).transpose(1, 2)
+    cache = torch.randn(2, B, H, 64, D, generator=g).half().to(DEVICE)
     k, v = cache[0, :, :, :40], cache[1, :, :, :40]
     assert not q.is_contiguous() and not k.is_contiguous()
 
@@ -207,9 +207,11 @@ def test_strided_inputs_and_determinism():
         out = flash_attention(*ins, causal=True)
         return (out, *torch.autograd.grad(out.float().square().sum(), ins))
 
-    strided = run(q, k, v)
-    contiguous = run(q.contiguous(), k.contiguous(), v.contiguous())
-    again = run(q, k, v)
+    with launches(fa._attn_fwd, fa._attn_bwd_dq) as counts:
+        strided = run(q, k, v)
+        contiguous = run(q.contiguous(), k.contiguous(), v.contiguous())
+        again = run(q, k, v)
+    assert counts["_attn_fwd"] == 3 and counts["_attn_bwd_dq"] == 3, dict(counts)
     for a, b, c in zip(strided, contiguous, again):
         assert torch.equal(a, b)
         assert torch.equal(a, c)
@@ -269,7 +271,74 @@ def test_rejects_bad_inputs(args, kwargs, message):
 
 def test_compile_specs_cover_head_dims_and_dtypes():
     names = {s.name for s in fa.compile_specs(80)} | {s.name for s in fa.compile_specs(90)}
-    for kernel in ("fwd", "preprocess", "dkdv", "dq"):
+    for kernel in ("fwd", "decode", "combine", "preprocess", "dkdv", "dq"):
         for d in (64, 128):
             for dtype in ("fp16", "bf16"):
                 assert f"flash_attention.{kernel}[d{d},{dtype}]" in names
+
+
+def test_torch_compile_traces_without_graph_break():
+    """flash_attention is a torch.library custom op (forward and backward): torch.compile with
+    fullgraph=True (which raises at any graph break) traces through it, and the compiled
+    function still runs the kernels, forward and backward, and matches PyTorch."""
+    q, k, v, do = make_inputs(1, 2, 1, 20, 20, 16, torch.float32)
+    compiled = torch.compile(lambda q, k, v: flash_attention(q, k, v, causal=True), fullgraph=True,
+                             backend="aot_eager")
+    with launches(*KERNELS) as counts:
+        out, *grads = outputs_and_grads(compiled, [q, k, v], do)
+    assert all(counts[kernel.__name__] == 1 for kernel in KERNELS), f"kernels launched: {dict(counts)}"
+    kw = dict(causal=True, softmax_scale=None, kv_lens=None)
+    ref = outputs_and_grads(lambda q, k, v: torch_attention(q, k, v, **kw)[0], [q, k, v], do,
+                            dtype=torch.float64)
+    for name, ours, r in zip(("out", "dq", "dk", "dv"), [out, *grads], ref):
+        assert_close(name, ours, r, r, torch.float32)
+
+
+def test_custom_op_fake_and_autograd_registration():
+    """The fake (meta) implementations give the real outputs' shapes, dtypes and strides, and the
+    autograd registration is what PyTorch expects of a custom op."""
+    q, k, v, _ = make_inputs(1, 2, 1, 5, 7, 16, torch.float16)
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in (q, k, v))
+    kv = torch.tensor([6], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(fa._forward_op, (q, k, v, True, 0.25, kv),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_double_backward_raises():
+    """Gradients of gradients are not implemented: asking for them raises (rather than treating
+    the first gradients as constants)."""
+    q, k, v, _ = make_inputs(1, 1, 1, 9, 9, 16, torch.float32)
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in (q, k, v))
+    dq, = torch.autograd.grad(flash_attention(q, k, v, causal=True).square().sum(), q,
+                              create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        dq.sum().backward()
+
+
+def test_grid_fits_cuda_limits():
+    """Batch x heads past 65,535 (the limit of a CUDA grid's axes 1 and 2): each axis of every
+    launch grid stays within its limit, and the grid still has a program per (tile, b, h)."""
+    B, H, T = 2048, 48, 4096
+    for block in (16, 128):
+        tiles = math.ceil(T / block)
+        grid = fa._grid(tiles, B, H)
+        assert grid[0] <= 2**31 - 1 and grid[1] <= 65535 and grid[2] <= 65535
+        assert math.prod(grid) == tiles * B * H
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_launches_on_the_tensors_device():
+    """Tensors on cuda:1 while cuda:0 is current: the kernels must run on GPU 1 (launched on
+    GPU 0 they would be handed another GPU's pointers)."""
+    q, k, v, do = make_inputs(1, 2, 2, 33, 33, 32, torch.float16)
+    q, k, v, do = (t.to("cuda:1") for t in (q, k, v, do))
+    with torch.cuda.device(0), launches(*KERNELS) as counts:
+        qs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = flash_attention(*qs, causal=True)
+        grads = torch.autograd.grad(out, qs, do)
+        torch.cuda.synchronize(1)
+    assert all(counts[kernel.__name__] == 1 for kernel in KERNELS)
+    ref_out, _ = torch_attention(q.double(), k.double(), v.double(), causal=True, softmax_scale=None,
+                                 kv_lens=None)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-3, rtol=2e-3)
+    assert all(torch.isfinite(g).all() and g.device == q.device for g in grads)

@@ -10,7 +10,15 @@ to float64 than that).
 bfloat16: the logits and all matmuls are bf16 on both sides, so ours is held against the
 float32 plain path with a bound of twice the bf16 plain path's own error plus
 atol + rtol * max|reference| = 1e-3 + 8e-3 * max|reference|.
+float16 (with a GradScaler-like upstream gradient of 2**14): FlashAttention's rule against the
+float64 plain path, with the plain float16 path (float32 softmax, as under autocast) as the
+baseline and (atol, rtol) = (1e-3, 1e-3).
+
+Every test of the Triton path counts the cross-entropy kernel's launches, so that a silent
+fallback to the PyTorch path fails.
 """
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -51,8 +59,19 @@ def loss_and_grads(fn, hidden, weight, targets, bias, upstream=2.0, dtype=None, 
                              torch.tensor(upstream), dtype=dtype)
 
 
-def check_float32(hidden, weight, targets, bias, **kw):
-    ours = loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, bias, **kw)
+@contextlib.contextmanager
+def kernel_runs():
+    """Assert that the cross-entropy kernel runs inside the block (the per-chunk softmax)."""
+    with launches(ce._cross_entropy_fwd_kernel) as counts:
+        yield counts
+    assert counts[ce._cross_entropy_fwd_kernel.__name__] > 0, \
+        "_cross_entropy_fwd_kernel did not run (a fallback took over)"
+
+
+def check_float32(hidden, weight, targets, bias, kernel=False, **kw):
+    """Ours against the plain path in float32; kernel: the Triton path must run."""
+    with kernel_runs() if kernel else contextlib.nullcontext():
+        ours = loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, bias, **kw)
     plain32 = loss_and_grads(plain, hidden, weight, targets, bias, **kw)
     ref = loss_and_grads(plain, hidden, weight, targets, bias, dtype=torch.float64, **kw)
     assert ours[0].dtype == torch.float32
@@ -99,14 +118,16 @@ def test_pytorch_path_matches_plain_path_float32(n, c, v, chunk_size, bias, labe
 )
 def test_triton_path_matches_plain_path_float32(n, c, v, chunk_size, bias, label_smoothing, seed):
     hidden, weight, targets, b = make(n, c, v, bias=bias, seed=seed)
-    check_float32(hidden, weight, targets, b, chunk_size=chunk_size, label_smoothing=label_smoothing)
+    check_float32(hidden, weight, targets, b, kernel=True, chunk_size=chunk_size, label_smoothing=label_smoothing)
 
 
 def test_triton_path_gpt2_vocab():
     hidden, weight, targets, b = make(5, 16, 50257, bias=True)
     with launches(ce._cross_entropy_fwd_kernel) as counts:
         check_float32(hidden, weight, targets, b, chunk_size=2, label_smoothing=0.1)
-    assert counts[ce._cross_entropy_fwd_kernel.__name__] == 3  # one launch per chunk of 2 rows
+    launched = counts[ce._cross_entropy_fwd_kernel.__name__]
+    assert launched > 0, "_cross_entropy_fwd_kernel did not run (a fallback took over)"
+    assert launched == 3  # one launch per chunk of 2 rows
 
 
 @pytest.mark.parametrize("use_kernel", [False, True])
@@ -118,9 +139,9 @@ def test_non_contiguous_inputs(monkeypatch, use_kernel):
     hidden, weight, _, _ = make(6, 16, 11)
     targets = torch.randint(0, 11, (6, 2), generator=torch.Generator().manual_seed(1))[:, 0]
     assert not targets.is_contiguous()
-    check_float32(hidden, weight, targets, None, chunk_size=4)
+    check_float32(hidden, weight, targets, None, kernel=use_kernel, chunk_size=4)
     check_float32(torch.randn(6, 32)[:, :16], weight.t().contiguous().t(), targets, torch.randn(22)[::2],
-                  chunk_size=4, reduction="sum")
+                  kernel=use_kernel, chunk_size=4, reduction="sum")
 
 
 def test_leading_block_of_minus_inf_logits():
@@ -130,7 +151,8 @@ def test_leading_block_of_minus_inf_logits():
     bias = torch.zeros(9000)
     bias[:8192] = -float("inf")
     targets = 8192 + targets % 808
-    ours = loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, bias, chunk_size=2)
+    with kernel_runs():
+        ours = loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, bias, chunk_size=2)
     ref = loss_and_grads(plain, hidden, weight, targets, bias, dtype=torch.float64)
     lowp = loss_and_grads(plain, hidden, weight, targets, bias)
     for name, o, r, lp in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), ours, ref, lowp):
@@ -142,7 +164,8 @@ def test_bfloat16(monkeypatch, use_kernel):
     if not use_kernel:
         monkeypatch.setattr(ce, "triton_usable", lambda *t: False)
     hidden, weight, targets, b = make(30, 32, 300, dtype=torch.bfloat16, bias=True)
-    ours = loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, b, chunk_size=8)
+    with kernel_runs() if use_kernel else contextlib.nullcontext():
+        ours = loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, b, chunk_size=8)
     lowp = loss_and_grads(plain, hidden, weight, targets, b)
     ref = loss_and_grads(plain, hidden, weight, targets, b, dtype=torch.float32)
     for name, o, lp, r in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), ours, lowp, ref):
@@ -150,6 +173,29 @@ def test_bfloat16(monkeypatch, use_kernel):
         err = (o.float() - r).abs().max().item()
         bound = 2 * (lp.float() - r).abs().max().item() + 1e-3 + 8e-3 * r.abs().max().item()
         assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g}"
+
+
+@pytest.mark.parametrize("use_kernel", [False, True])
+def test_float16_gradient_is_not_flushed_to_zero(monkeypatch, use_kernel):
+    """float16 with a GradScaler-like loss scale (grad_output 2**14), a mean over 512 tokens,
+    and a bias spreading the classes' probabilities down to ~1e-9: the chunk's dlogits used to
+    be stored in float16 already divided by the token count, so every probability under
+    ~1.5e-5 became 0 before the scale applied: 31% of grad_weight's entries were exactly 0
+    where torch's plain float16 path has none."""
+    if not use_kernel:
+        monkeypatch.setattr(ce, "triton_usable", lambda *t: False)
+    hidden, weight, targets, _ = make(512, 16, 512, dtype=torch.float16, ignore_frac=0.0)
+    bias = torch.linspace(0, -14, 512).half()
+    targets = targets % 64
+    with kernel_runs() if use_kernel else contextlib.nullcontext():
+        ours = loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, bias, upstream=2.0**14)
+    lowp = loss_and_grads(plain, hidden, weight, targets, bias, upstream=2.0**14)
+    ref = loss_and_grads(plain, hidden, weight, targets, bias, upstream=2.0**14, dtype=torch.float64)
+    for name, o, lp, r in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), ours, lowp, ref):
+        assert o.dtype == lp.dtype, name
+        zeros, torch_zeros = (o == 0).float().mean().item(), (lp == 0).float().mean().item()
+        assert zeros <= torch_zeros, f"{name}: {zeros:.1%} of entries are 0, torch's float16: {torch_zeros:.1%}"
+        assert_fa2(name, o, r, lp, atol=1e-3, rtol=1e-3)
 
 
 def test_frozen_weight_and_frozen_hidden(pytorch_path):
@@ -199,12 +245,15 @@ def test_autocast_bfloat16_on_cpu(pytorch_path):
     torch.testing.assert_close(loss, ref, atol=5e-2, rtol=2e-2)
 
 
-def test_double_backward_is_refused(pytorch_path):
+def test_backward_twice_with_retain_graph(pytorch_path):
+    """The stored gradients are not consumed by the first backward: a second one adds the same."""
     hidden, weight, targets, _ = make(4, 4, 10)
-    loss = fused_linear_cross_entropy(hidden.requires_grad_(), weight, targets)
+    hidden.requires_grad_()
+    loss = fused_linear_cross_entropy(hidden, weight, targets)
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="retain_graph"):
-        loss.backward()
+    first = hidden.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(hidden.grad, 2 * first, atol=0, rtol=0)
 
 
 def test_reference_is_the_plain_path():
@@ -218,6 +267,8 @@ def test_reference_is_the_plain_path():
 
 def test_default_chunk_size():
     assert default_chunk_size(8192, 50257) == 256  # 256 x 50257 float32 logits = 49 MiB
+    assert default_chunk_size(8192, 50257, "cuda") == 2048  # 393 MiB: few, large matmuls on a GPU
+    assert default_chunk_size(8192, 50257, "mps") == 256
     assert default_chunk_size(10, 50257) == 10
     assert default_chunk_size(10**6, 10**9) == 1
 

@@ -56,12 +56,15 @@ def test_tensor_cores_used_by_kernels_with_tl_dot(rows):
 def test_flash_attention_kernels_all_covered(rows):
     names = {(r.kernel, r.arch) for r in rows if r.module == "flash_attention"}
     for arch in report.TARGETS:
-        for kernel in ("fwd", "preprocess", "dkdv", "dq"):
+        for kernel in ("fwd", "decode", "combine", "preprocess", "dkdv", "dq"):
             for d in (64, 128):
                 for dtype in ("fp16", "bf16"):
                     assert (f"flash_attention.{kernel}[d{d},{dtype}]", arch) in names
-    assert all(r.uses_dot for r in rows if r.module == "flash_attention"
-               and ".preprocess[" not in r.kernel)
+    # the preprocess (a row sum) and the combine of key splits (a weighted sum) have no matmul
+    assert all(r.uses_dot == (".preprocess[" not in r.kernel and ".combine[" not in r.kernel)
+               for r in rows if r.module == "flash_attention")
+    # a 16-row decode tile is below wgmma's 64 rows: HMMA is what it should use on sm_90 too
+    assert all(r.tensor_core_op == "HMMA" for r in rows if ".decode[" in r.kernel)
 
 
 def test_uses_dot_follows_jit_helpers():
@@ -71,3 +74,54 @@ def test_uses_dot_follows_jit_helpers():
     assert "tl.dot(" not in inspect.getsource(report._python_fn(fa._attn_fwd))
     assert report.uses_dot(fa._attn_fwd)
     assert not report.uses_dot(fa._attn_bwd_preprocess)
+
+
+# Launch configurations, checked without compiling or running anything.
+
+
+def test_grids_put_large_counts_on_axis_0():
+    """CUDA allows 2**31 - 1 programs on grid axis 0 but only 65,535 on axes 1 and 2: a grid
+    with rows (or batch x heads) on axis 1 fails to launch past that. Every launcher here puts
+    its large count on axis 0; checked at 70,000 rows and at a million."""
+    import torch
+
+    from kernels import GRID_LIMITS, cross_entropy, gelu, num_partials, rotary, swiglu
+
+    for rows in (70_000, 1_000_000):
+        grids = {
+            "gelu": gelu._grid(rows * 4096),
+            "swiglu": swiglu._grid(rows, 11008),
+            "rotary": rotary._grid(8, rows),
+            "cross_entropy": cross_entropy._grid(rows),
+            # The norms: one program per row forward, a few per SM backward.
+            "norm forward": (rows,),
+            "norm backward": (num_partials(torch.device("cpu"), rows),),
+        }
+        for name, grid in grids.items():
+            assert all(0 < g <= limit for g, limit in zip(grid, GRID_LIMITS)), f"{name}: grid {grid}"
+
+
+def test_row_offsets_are_64_bit():
+    """row * stride passes 2**31 at long contexts (e.g. 8,192 rows of a 50257 vocabulary, or
+    T * 3C of a fused QKV): every kernel that offsets by a program id times a stride takes the
+    program id (or the row it derives) as int64 before multiplying."""
+    from kernels import cross_entropy, gelu, layer_norm, rms_norm, rotary, swiglu
+
+    for kernel in (gelu._gelu_fwd_kernel, gelu._gelu_bwd_kernel, swiglu._swiglu_fwd_kernel,
+                   swiglu._swiglu_bwd_kernel, layer_norm._layer_norm_fwd_kernel, layer_norm._layer_norm_bwd_kernel,
+                   rms_norm._rms_norm_fwd_kernel, rms_norm._rms_norm_bwd_kernel, rotary._rotary_kernel,
+                   rotary._rotate_heads, cross_entropy._cross_entropy_fwd_kernel):
+        src = inspect.getsource(report._python_fn(kernel))
+        assert ".to(tl.int64)" in src, f"{kernel.__name__}: no 64-bit offsets"
+
+
+def test_fused_norm_width_is_capped_below_spilling(rows):
+    """The norms spill at 16,384 columns (sm_90: 192 bytes rms_norm, 440 layer_norm backward),
+    so the widest fused row is 8,192 and the report compiles the norms there without spills."""
+    from kernels import MAX_FUSED_SIZE
+
+    assert MAX_FUSED_SIZE == 8192
+    for module in ("layer_norm", "rms_norm"):
+        widest = [r for r in rows if r.module == module and f"N={MAX_FUSED_SIZE}," in r.kernel]
+        assert {r.arch for r in widest} == set(report.TARGETS) and len(widest) == 2 * len(report.TARGETS)
+        assert all(r.ok for r in widest), [r for r in widest if not r.ok]

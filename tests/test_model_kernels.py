@@ -115,3 +115,73 @@ def test_strided_targets_give_the_plain_loss(variant):
     want = torch.nn.functional.cross_entropy(logits.reshape(-1, 97), targets.reshape(-1))
     _, got = fused(idx, targets)
     assert abs(got.item() - want.item()) < 1e-4, (got.item(), want.item())
+
+
+def _flash_launches():
+    """Counts the launches of every @triton.jit kernel in kernels/flash_attention.py (device
+    functions are never launched, so whichever forward kernel runs is counted)."""
+    from kernel_check import launches
+    import kernels.flash_attention as fa
+
+    return launches(*[f for f in vars(fa).values() if hasattr(f, "pre_run_hooks")])
+
+
+@needs_kernels
+@pytest.mark.parametrize("pe", ["learned", "rope"])
+@pytest.mark.parametrize("backend", ["naive", "sdpa", "triton"])
+def test_kv_cache_with_a_padding_mask_equals_the_full_forward(backend, pe):
+    """Prefill, then decode through the KV cache with a right-padded mask over every key so far
+    (B, start + T): the logits of the real tokens equal the full forward's without a cache,
+    computed by the attention written out. (The triton path built its lengths from the new
+    tokens' mask alone and masked the cached keys out: 0.115 off in max logit.)"""
+    torch.manual_seed(0)
+    cfg = preset("gpt-cpu", vocab_size=97, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, block_size=16,
+                 pos_encoding=pe)
+    model = GPT(cfg.replace(attention_backend=backend)).to(DEVICE).eval()
+    reference = GPT(cfg.replace(attention_backend="naive")).to(DEVICE).eval()
+    reference.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 97, (2, 9), device=DEVICE)
+    mask = (torch.arange(9, device=DEVICE)[None, :] < torch.tensor([[9], [6]], device=DEVICE)).long()
+    with torch.no_grad(), _flash_launches() as counts:
+        full, _ = reference(ids, attention_mask=mask)
+        cache, pieces, start = model.new_kv_cache(2), [], 0
+        for n in (4, 1, 2, 1, 1):  # prefill, single tokens and a chunk
+            logits, _ = model(ids[:, start : start + n], attention_mask=mask[:, : start + n], kv_cache=cache)
+            pieces.append(logits)
+            start += n
+    assert start == 9
+    assert (sum(counts.values()) > 0) == (backend == "triton"), dict(counts)
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(pieces, dim=1)[real], full[real], atol=1e-4, rtol=1e-4)
+
+
+@needs_kernels
+def test_generate_under_bf16_autocast_with_the_triton_backend():
+    """Under autocast the layers compute in bfloat16, so the KV cache must hold bfloat16 too:
+    a float32 cache handed the kernel bf16 queries with fp32 keys ("must share a dtype").
+    The logits are held to the rule of kernel_check: at most twice SDPA's own bfloat16 error
+    against float32, plus a small epsilon."""
+    torch.manual_seed(0)
+    cfg = preset("gpt-cpu", vocab_size=97, n_layer=2, n_head=2, n_embd=32, block_size=16, pos_encoding="rope")
+    model = GPT(cfg.replace(attention_backend="triton")).to(DEVICE).eval()
+    sdpa = GPT(cfg.replace(attention_backend="sdpa")).to(DEVICE).eval()
+    sdpa.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 97, (2, 5), device=DEVICE)
+    with torch.autocast(DEVICE, torch.bfloat16), _flash_launches() as counts:
+        out = model.generate(idx, 4, temperature=0)
+    assert out.shape == (2, 9) and sum(counts.values()) > 0
+
+    def prefill_and_step(m, autocast):
+        cache = m.new_kv_cache(2)
+        with torch.no_grad(), torch.autocast(DEVICE, torch.bfloat16, enabled=autocast):
+            a, _ = m(out[:, :5], kv_cache=cache)
+            b, _ = m(out[:, 5:6], kv_cache=cache)
+        return torch.cat([a, b], dim=1).float(), cache
+
+    ours, cache = prefill_and_step(model, True)
+    assert cache.k[0].dtype == torch.bfloat16
+    theirs, _ = prefill_and_step(sdpa, True)
+    exact, cache32 = prefill_and_step(sdpa, False)
+    assert cache32.k[0].dtype == torch.float32
+    err, torch_err = (ours - exact).abs().max().item(), (theirs - exact).abs().max().item()
+    assert err <= 2 * torch_err + 1e-2 * exact.abs().max().item(), (err, torch_err)

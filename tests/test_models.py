@@ -571,7 +571,7 @@ OTHER_VALUE = dict(
     pos_encoding="rope", rope_base=500.0, norm="rmsnorm", norm_eps=1e-6, norm_position="post", activation="swiglu",
     bias=False, dropout=0.1, attn_dropout=0.1, tie_embeddings=False, attn_scale=1.0, attn_scale_by_layer=True,
     attention_backend="naive", use_kernels=True, chunked_ce=True, type_vocab_size=3, pad_token_id=1,
-    num_labels=2, classifier_pooling="mean", init_std=0.05,
+    num_labels=2, classifier_pooling="mean", init_std=0.05, pooler=False,
 )
 
 
@@ -588,7 +588,7 @@ def test_shape_fields_are_the_fields_that_change_the_weights():
     for arch in ("gpt", "bert"):
         base = ModelConfig(arch=arch, **BASE_SHAPE)
         for name, value in OTHER_VALUE.items():
-            if name == "arch" or name == "type_vocab_size" and arch == "gpt":  # GPT has no token types
+            if name == "arch" or name in ("type_vocab_size", "pooler") and arch == "gpt":  # BERT's only
                 continue
             other = base.replace(**{name: value})
             changed = weight_shapes(other) != weight_shapes(base)
@@ -627,3 +627,149 @@ def test_attn_scale_multiplies_the_scores():
 def test_build_model_picks_the_architecture():
     assert isinstance(minillm.build_model(preset("gpt-cpu", n_layer=1)), GPT)
     assert isinstance(minillm.build_model(preset("bert-tiny", n_layer=1)), BERT)
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU paths, checked on the CPU (issue 13)
+
+
+def test_attention_mask_covers_the_cached_keys():
+    """With a KV cache the mask covers every key: the cached positions and the new ones, as in
+    Hugging Face. A (B, T) mask over the new tokens alone is refused, naming the shape expected."""
+    model = tiny_gpt()
+    cache = model.new_kv_cache(2)
+    with torch.no_grad():
+        model(torch.ones(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 4), kv_cache=cache)
+        with pytest.raises(ValueError, match=r"attention_mask shape \(2, 1\) must be \(batch, 4 cached \+ 1 new "
+                                             r"tokens\) = \(2, 5\)"):
+            model(torch.ones(2, 1, dtype=torch.long), attention_mask=torch.ones(2, 1), kv_cache=cache)
+        model(torch.ones(2, 1, dtype=torch.long), attention_mask=torch.ones(2, 5), kv_cache=cache)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "bert"])
+@pytest.mark.parametrize("pe", POS)
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_sdpa_equals_naive_with_and_without_padding(kind, pe, n_kv_head):
+    """The sdpa backend (which hands torch small boolean masks, ALiBi's bias without a batch
+    dimension, enable_gqa) against the attention written out: logits and every gradient."""
+    seqs = [torch.randint(1, V, (n,), generator=torch.Generator().manual_seed(n)) for n in (9, 6, 3)]
+    ids, mask = _pad(seqs, 9, torch.zeros(9, dtype=torch.long))
+    targets = torch.where(mask.bool(), torch.roll(ids, 1, 1), -100)
+    for attention_mask in (None, mask):
+        results = []
+        for backend in ("naive", "sdpa"):
+            model = (tiny_gpt if kind == "gpt" else tiny_bert)(pe, backend, n_kv_head=n_kv_head).train()
+            logits = model(ids, attention_mask=attention_mask)[0]
+            _, loss = model(ids, targets, attention_mask=attention_mask)
+            loss.backward()
+            results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        (a, ga), (b, gb) = results
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+        assert ga.keys() == gb.keys() and ga
+        for name in ga:
+            torch.testing.assert_close(gb[name], ga[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _no_host_sync_step(model, ids, targets, mask):
+    """Forward and backward on the meta device: its tensors hold no data, so anything that reads
+    values on the host (.item(), bool(t), torch.equal, boolean indexing, nonzero) raises."""
+    model = model.to("meta").train()
+    _, loss = model(ids.to("meta"), targets.to("meta"), attention_mask=mask.to("meta"))
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "bert"])
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "naive"])
+@pytest.mark.parametrize("pe", ["rope", "alibi"])
+def test_no_host_sync_in_a_training_step_with_padding(kind, backend, pe):
+    """No layer reads the padding mask on the host (torch.equal per layer was a sync and a
+    graph break), nor does BERT's masked-LM head select its rows (a data-dependent shape)."""
+    ids, mask = _pad([torch.randint(1, V, (n,)) for n in (8, 5)], 8, torch.zeros(8, dtype=torch.long))
+    targets = torch.full_like(ids, -100)
+    targets[0, 2], targets[1, 4] = 5, 6
+    build = tiny_gpt if kind == "gpt" else tiny_bert
+    _no_host_sync_step(build(pe, backend, pooler=False) if kind == "bert" else build(pe, backend), ids, targets, mask)
+    if torch.cuda.is_available():  # the real thing: CUDA refuses any synchronising call
+        model = build(pe, backend).cuda().train()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _, loss = model(ids.cuda(), targets.cuda(), attention_mask=mask.cuda())
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+def test_the_meta_device_catches_a_host_sync():
+    """The check above can fail: a mask read on the host raises there."""
+    mask = torch.ones(2, 3, dtype=torch.bool, device="meta")
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        torch.equal(mask, mask)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        torch.randn(6, 4, device="meta")[mask.reshape(-1)]
+
+
+@pytest.mark.parametrize("chunked_ce", [False, True])
+def test_bert_mlm_loss_and_grads_equal_the_masked_rows_alone(chunked_ce):
+    """The head now runs on every position and the loss ignores the unmasked ones; the previous
+    math, written out: the head on the masked rows alone, their mean cross-entropy."""
+    model = tiny_bert(chunked_ce=chunked_ce).train()
+    idx = torch.randint(1, V, (2, 8), generator=torch.Generator().manual_seed(3))
+    targets = torch.full_like(idx, -100)
+    targets[0, 1], targets[1, 5], targets[1, 6] = 3, 7, 9
+    _, loss = model(idx, targets)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    h = model.encode(idx).reshape(-1, model.config.n_embd)
+    keep = targets.reshape(-1) != -100
+    logits = model.mlm_decoder(model.mlm_hidden(h[keep]))
+    expected = F.cross_entropy(logits.float(), targets.reshape(-1)[keep])
+    expected.backward()
+    assert abs(loss.item() - expected.item()) < 1e-5
+    for name, g in ours.items():
+        torch.testing.assert_close(g, dict(model.named_parameters())[name].grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_bert_mlm_loss_without_a_masked_token_is_a_zero_with_a_graph():
+    model = tiny_bert().train()
+    idx = torch.randint(1, V, (2, 5))
+    _, loss = model(idx, torch.full_like(idx, -100))
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_bert_for_masked_lm_has_no_unused_weights(tmp_path):
+    """DDP (find_unused_parameters=False) needs a gradient for every weight that trains: a BERT
+    built with pooler=False has no pooler the masked-LM loss leaves without one. Finetuning
+    from its checkpoint adds a fresh pooler for "cls" pooling."""
+    from minillm.pretrained import load_pretrained
+
+    idx = torch.randint(1, V, (2, 6))
+    targets = torch.where(torch.rand(2, 6, generator=torch.Generator().manual_seed(0)) < 0.5, idx, -100)
+    targets[0, 0] = idx[0, 0]
+    unused = {}
+    for pooler in (True, False):
+        model = tiny_bert(pooler=pooler).train()
+        model(idx, targets)[1].backward()
+        unused[pooler] = [n for n, p in model.named_parameters() if p.grad is None]
+    assert unused == {True: ["pooler.weight", "pooler.bias"], False: []}  # the check can fail
+    assert model.pooler is None
+    with pytest.raises(ValueError, match="built without a pooler"):
+        model.pool(model.encode(idx))
+
+    save_checkpoint(str(tmp_path), model, model.config, CharTokenizer.train("abc"))
+    loaded, _, _ = load_pretrained(str(tmp_path))
+    assert loaded.pooler is None
+    torch.testing.assert_close(loaded.encode(idx), model.encode(idx))
+    loaded.add_classifier(2, "mean")
+    assert loaded.pooler is None and loaded.classification_head() == [loaded.classifier]
+    loaded.add_classifier(2, "cls")
+    assert loaded.config.pooler and loaded.classification_head() == [loaded.classifier, loaded.pooler]
+    assert abs(loaded.pooler.weight.std().item() - loaded.config.init_std) < 0.02
+    logits, loss = loaded.classify(idx, labels=torch.tensor([0, 1]))
+    assert logits.shape == (2, 2) and torch.isfinite(loss)
+    with pytest.raises(ValueError, match="needs config.pooler=true"):
+        loaded.config.replace(pooler=False)

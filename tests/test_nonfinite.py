@@ -79,7 +79,7 @@ def run(corpus, out, *extra):
     args = ["--data", corpus, "--out", str(out), "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
             "--block-size", "16", "--batch-size", "2", "--eval-iters", "1", "--no-progress", "--sample-tokens", "0",
             "--warmup-steps", "0", "--lr", "1e-2", "--max-steps", "8", "--eval-interval", "0", "--log-interval", "1",
-            "--ckpt-interval", "1", "--max-skips", "2", *map(str, extra)]
+            "--ckpt-interval", "1", "--max-skips", "2", "--dtype", "float32", *map(str, extra)]
     return train.main(args)
 
 
@@ -224,7 +224,7 @@ def test_cli_diverging_run_stops_with_one_line(tmp_path, corpus):
     common = [os.path.join(ROOT, "train.py"), "--data", corpus, "--out", str(out), "--n-layer", "1", "--n-head", "2",
               "--n-embd", "16", "--block-size", "16", "--batch-size", "2", "--eval-iters", "1", "--no-progress",
               "--sample-tokens", "0", "--warmup-steps", "0", "--max-steps", "20", "--eval-interval", "0",
-              "--ckpt-interval", "1", "--log-interval", "1", "--max-skips", "3"]
+              "--ckpt-interval", "1", "--log-interval", "1", "--max-skips", "3", "--dtype", "float32"]
     proc = subprocess.run([sys.executable, str(wrapper), *common], capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=300)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)

@@ -107,3 +107,16 @@ def test_integer_input_error(x, w, match):
     """Integer tensors are refused (the kernel would return truncated integers)."""
     with pytest.raises(ValueError, match=match):
         rms_norm(x, w)
+
+
+def test_rows_wider_than_the_fused_limit_use_the_reference():
+    """Past MAX_FUSED_SIZE columns the one-row-per-program kernels would spill: the reference runs."""
+    from kernels import MAX_FUSED_SIZE
+
+    from kernel_check import DEVICE, launches
+
+    x, w = torch.randn(2, MAX_FUSED_SIZE + 1).to(DEVICE), torch.randn(MAX_FUSED_SIZE + 1).to(DEVICE)
+    with launches(*KERNELS) as counts:
+        y = rms_norm(x, w)
+    assert not counts
+    assert torch.equal(y, rms_norm_reference(x, w))

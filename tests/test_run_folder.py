@@ -16,7 +16,7 @@ from minillm.checkpoint import find_checkpoint, read_tensors
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "2",
-        "--eval-iters", "1", "--no-progress", "--sample-tokens", "0", "--eval-interval", "0"]
+        "--eval-iters", "1", "--no-progress", "--sample-tokens", "0", "--eval-interval", "0", "--dtype", "float32"]
 
 
 def setup(tmp_path):

@@ -16,7 +16,7 @@ from minillm.tokenizer import CharTokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt")
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
-        "--eval-iters", "2", "--no-progress", "--sample-tokens", "0", "--warmup-steps", "2"]
+        "--eval-iters", "2", "--no-progress", "--sample-tokens", "0", "--warmup-steps", "2", "--dtype", "float32"]
 
 
 def run_train(args, tmp_path, check=True, env_extra=None, launcher=None):
@@ -105,6 +105,17 @@ def test_ddp_two_processes_match_one(tmp_path, corpus):
         assert abs(r1["train_loss"] - r2["train_loss"]) < 1e-5, (r1, r2)
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
+
+
+def test_ddp_bert_pretraining_runs(tmp_path, corpus):
+    """Masked-LM pretraining under torchrun: every weight gets a gradient (no pooler is built, which
+    the MLM loss would never reach), so DDP does not stop at step 2 (issue 13.4)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    out = tmp_path / "bert"
+    run_train(["--model", "bert", "--data", corpus, "--max-steps", "3", "--eval-interval", "0", *TINY, "--out", str(out)],
+              tmp_path, launcher=launcher)
+    assert metrics(out)[-1]["step"] == 3
+    assert not any(k.startswith("pooler") for k in weights(out))
 
 
 def test_token_cache_is_keyed_by_content_and_tokenizer(tmp_path):
@@ -293,3 +304,21 @@ def test_run_that_cannot_fit_is_refused_before_allocating(tmp_path, corpus):
 
     small = training_bytes(10**6, preset("gpt-cpu", vocab_size=100), batch=16, block=128)
     assert 16 * 10**6 < small < 2**30  # the recipes' models are estimated at well under a GiB
+
+
+def test_device_and_dtype_flags(tmp_path, corpus):
+    """--device cpu --dtype auto runs and says what it chose and why; a device that is not here
+    is one line and exit code 2, before anything is written."""
+    out = tmp_path / "run"
+    proc = run_train([*TINY, "--data", corpus, "--device", "cpu", "--dtype", "auto", "--max-steps", "5",
+                      "--out", str(out)], tmp_path)
+    chosen = json.load(open(out / "summary.json"))["dtype"]
+    assert chosen in ("float32", "bfloat16") and "--dtype auto: a training step takes" in proc.stdout
+    assert json.load(open(out / "summary.json"))["device"] == "cpu"
+    saved = json.load(open(out / "checkpoint" / "config.json"))["train"]
+    assert saved["dtype"] == chosen  # a resumed run keeps the dtype auto chose, it does not choose again
+    missing = ["cuda:99"] if torch.cuda.is_available() else ["cuda", "cuda:1"]
+    for spec in [*missing, "tpu"]:
+        proc = run_train([*TINY, "--data", corpus, "--device", spec, "--out", str(tmp_path / spec)], tmp_path, check=False)
+        _expect_error(proc, "--device", spec)
+        assert not (tmp_path / spec).exists()
