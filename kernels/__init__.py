@@ -10,10 +10,10 @@ Each kernel module exposes ``compile_specs()``, a list of :class:`CompileSpec`
 describing its kernels at their default launch configuration, which the report compiles.
 
 Every op file has one layout: the ``@triton.jit`` kernels, module-level launchers
-(``_forward``/``_backward``: allocate outputs, pick the launch configuration, launch), a thin
-``torch.autograd.Function`` that only calls the launchers, the plain-PyTorch reference, the
-input checks, the public op (which falls back to the reference where Triton cannot run) and
-``compile_specs``. What several ops share (row launches, the row view) lives here.
+(``_forward``/``_backward``: allocate outputs, pick the launch configuration, launch), the
+custom ops that call them (below), the plain-PyTorch reference, the input checks, the public op
+(which falls back to the reference where Triton cannot run) and ``compile_specs``. What several
+ops share (row launches, the row view, the device guard) lives here.
 
 Each op is registered with ``torch.library.custom_op`` (namespace ``minillm``), with a fake
 (shape-only) implementation and its autograd formula, so ``torch.compile`` traces a model that
@@ -97,6 +97,11 @@ def refuse_double_backward(op: str):
     if torch.is_grad_enabled():
         raise RuntimeError(f"{op}: double backward (create_graph=True) is not supported by the Triton "
                            f"kernel; use the PyTorch reference for higher-order gradients")
+
+
+def none_as_empty(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Custom ops cannot return None: an absent gradient travels as an empty tensor."""
+    return t if t is not None else like.new_empty(0)
 
 
 # The largest grid CUDA launches: 2**31 - 1 programs on axis 0, 65,535 on axes 1 and 2. Every

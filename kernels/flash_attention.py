@@ -41,14 +41,13 @@ Shapes throughout: q (B, H, Tq, D); k, v (B, Hkv, Tk, D); lse (B, H, Tq).
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 from dataclasses import dataclass
 
 import torch
 
-from kernels import INTERPRET, CompileSpec, tl, triton, triton_usable
+from kernels import INTERPRET, CompileSpec, device_guard, tl, triton, triton_usable
 
 __all__ = ["flash_attention", "attention_reference", "compile_specs"]
 
@@ -612,12 +611,6 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _on_device_of(t: torch.Tensor):
-    """Triton launches on the current CUDA device: with tensors on cuda:1 while cuda:0 is
-    current, the kernel would be handed GPU 1's pointers on GPU 0."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _kernel_flags(q: torch.Tensor) -> dict:
     # The interpreter mishandles bf16 (tl.dot gives garbage, fp32->bf16 casts truncate), so
     # there bf16 tiles are upcast to fp32 as soon as they are loaded, and results are written
@@ -654,7 +647,7 @@ def _forward(q, k, v, causal: bool, scale: float, kv_lens):
     else:
         o_part = torch.empty((n_splits, B, H, Tq, D), device=q.device, dtype=torch.float32)
         lse_part = torch.empty((n_splits, B, H, Tq), device=q.device, dtype=torch.float32)
-    with _on_device_of(q):
+    with device_guard(q):
         _attn_fwd[_grid(n_splits * n_tiles, B, H)](
             q, k, v, o_part, lse_part, kv_lens if kv_lens is not None else lse,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o_part.stride()[:4],
@@ -693,7 +686,7 @@ def _backward(do, q, k, v, o, lse, dlse, causal: bool, scale: float, kv_lens):
     dv = torch.empty(v.shape, device=q.device, dtype=buf_dtype)
     common = dict(GROUP=H // Hkv, CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, **flags)
     qk_scale = scale * math.log2(math.e)
-    with _on_device_of(q):
+    with device_guard(q):
         pre = cfgs["preprocess"]
         _attn_bwd_preprocess[_grid(triton.cdiv(Tq, pre.block_m), B, H)](
             o, do, delta, *o.stride()[:3], *do.stride()[:3], H, Tq,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from kernels import (MAX_FUSED_SIZE, CompileSpec, as_rows, contiguous, device_guard, refuse_double_backward,
-                     row_grads, row_launch_config, tl, triton, triton_usable)
+                     none_as_empty, row_grads, row_launch_config, tl, triton, triton_usable)
 
 
 @triton.jit
@@ -110,11 +110,6 @@ def _backward(dy, x, weight, rstd, bias_dtype):
     return dx.view(x.shape), dw, db
 
 
-def _none_as_empty(t, like):
-    """Custom ops cannot return None: an absent gradient travels as an empty tensor."""
-    return t if t is not None else like.new_empty(0)
-
-
 # torch.library custom ops (see kernels/__init__.py): one opaque node each for torch.compile.
 @torch.library.custom_op("minillm::rms_norm", mutates_args=(),
                          schema="(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor)")
@@ -129,7 +124,7 @@ def _rms_norm_op(x, weight, bias, eps):
 def _rms_norm_backward_op(dy, x, weight, bias, rstd):
     with device_guard(x):
         dx, dw, db = _backward(dy, x, weight, rstd, bias.dtype if bias is not None else None)
-    return dx, _none_as_empty(dw, x), _none_as_empty(db, x)
+    return dx, none_as_empty(dw, x), none_as_empty(db, x)
 
 
 @_rms_norm_op.register_fake

@@ -78,17 +78,19 @@ def setup_distributed(spec: str = "auto") -> tuple[int, int, torch.device]:
 def resolve_dtype(spec: str, device: torch.device, step=None, log=print) -> str:
     """The autocast dtype for --dtype spec on this device. auto: bfloat16 on CUDA GPUs with
     bfloat16 tensor cores (compute capability 8.0+), float16 with the loss scaler on older ones,
-    float32 on MPS; on the CPU float32 unless a training step (`step()`: one forward and backward)
-    is measured faster under bfloat16 autocast (CPUs with AMX or AVX512-BF16 can be; ones without
-    bf16 units are ~100x slower, and at small widths the casts cost more than they save).
+    float32 on MPS; on the CPU float32 unless `step()` (one forward and backward) is measured
+    1.5x faster under bfloat16 autocast (CPUs with AMX or AVX512-BF16 can be; ones without bf16
+    units are ~100x slower, and at small widths the casts cost more than they save). The margin
+    covers what the probe leaves out: on an AMD EPYC with AVX512-BF16 the default run's probe
+    showed bfloat16 1.2x faster, yet the whole run went 10% slower in it (float32 optimizer steps).
     float32 on CUDA lets matmuls use TF32 tensor cores."""
     if spec == "auto":
         if device.type == "cuda":
             spec = "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float16"
         elif device.type == "cpu" and step is not None:
             fp32, bf16 = step_seconds(step, device, ("float32", "bfloat16"))
-            spec = "bfloat16" if bf16 < 0.8 * fp32 else "float32"  # a clear win, not noise
-            log(f"--dtype auto: a training step takes {1e3 * fp32:.0f} ms in float32 and {1e3 * bf16:.0f} ms "
+            spec = "bfloat16" if bf16 < fp32 / 1.5 else "float32"  # a clear win: the run adds fp32 optimizer steps
+            log(f"--dtype auto: a forward and backward takes {1e3 * fp32:.0f} ms in float32 and {1e3 * bf16:.0f} ms "
                 f"under bfloat16 autocast here: {spec}")
         else:
             spec = "float32"
@@ -104,6 +106,16 @@ def resolve_dtype(spec: str, device: torch.device, step=None, log=print) -> str:
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on TF32 tensor cores (~8x)
         torch.backends.cudnn.allow_tf32 = True
     return spec
+
+
+def inference_placement(device: torch.device, asked: str, dtype: str, quantized: bool, ckpt: str):
+    """(device, dtype) a loaded model runs in (generate, predict): as asked, except that an int8
+    copy runs on the CPU only (--device auto moves it there; a device named is refused)."""
+    if quantized:
+        if device.type != "cpu" and asked != "auto":
+            raise ValueError(f"--device {asked}: {ckpt} holds an int8 copy, which runs on the CPU only")
+        device = torch.device("cpu")
+    return device, resolve_dtype(dtype, device)
 
 
 def step_seconds(step, device: torch.device, dtypes: tuple, reps: int = 3) -> list:

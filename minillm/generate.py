@@ -10,7 +10,7 @@ import argparse
 import torch
 
 from .cli import run_main
-from .device import DTYPES, autocast, check_device_support, resolve_device, resolve_dtype
+from .device import DTYPES, autocast, check_device_support, inference_placement, resolve_device
 from .pretrained import load_finetuned
 
 
@@ -44,11 +44,7 @@ def main(argv=None) -> int:
         raise ValueError(f"{args.ckpt}: holds a classifier; label text with python -m minillm.predict --ckpt {args.ckpt}")
     if tokenizer is None:
         raise ValueError(f"{args.ckpt}: the checkpoint has no tokenizer file")
-    if cfg.get("quantized"):  # the int8 copy runs on the CPU only
-        if device.type != "cpu" and args.device != "auto":
-            raise ValueError(f"--device {args.device}: {args.ckpt} holds an int8 copy, which runs on the CPU only")
-        device = torch.device("cpu")
-    dtype = resolve_dtype(args.dtype, device)
+    device, dtype = inference_placement(device, args.device, args.dtype, bool(cfg.get("quantized")), args.ckpt)
     model.to(device)
     model.eval()
     ids = tokenizer.encode(args.prompt)

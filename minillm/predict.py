@@ -17,7 +17,6 @@ import os
 import sys
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 
 from .classification_data import (
@@ -32,7 +31,7 @@ from .classification_data import (
     to_examples,
 )
 from .cli import run_main
-from .device import DTYPES, autocast, check_device_support, resolve_device, resolve_dtype
+from .device import DTYPES, autocast, check_device_support, inference_placement, resolve_device
 from .pretrained import load_finetuned
 
 # Where the model's training column is missing from a table, the first of these found is read.
@@ -92,11 +91,7 @@ def main(argv=None) -> int:
         raise ValueError(f"{args.ckpt}: holds no classifier (for a language model use python -m minillm.generate)")
     if tokenizer is None:
         raise ValueError(f"{args.ckpt}: the checkpoint has no tokenizer file")
-    if cfg.get("quantized"):  # the int8 copy runs on the CPU only
-        if device.type != "cpu" and args.device != "auto":
-            raise ValueError(f"--device {args.device}: {args.ckpt} holds an int8 copy, which runs on the CPU only")
-        device = torch.device("cpu")
-    dtype = resolve_dtype(args.dtype, device)
+    device, dtype = inference_placement(device, args.device, args.dtype, bool(cfg.get("quantized")), args.ckpt)
     model.to(device)
     labels = cfg["labels"]
     ft = cfg.get("finetune") or {}

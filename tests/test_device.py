@@ -1,6 +1,5 @@
 """The device and precision a run asks for: --device parsing and refusals, --dtype auto's choice
 (timed, not assumed, on the CPU), the GPU recipes, and what MPS cannot do."""
-import argparse
 import time
 
 import pytest

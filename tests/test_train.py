@@ -313,7 +313,7 @@ def test_device_and_dtype_flags(tmp_path, corpus):
     proc = run_train([*TINY, "--data", corpus, "--device", "cpu", "--dtype", "auto", "--max-steps", "5",
                       "--out", str(out)], tmp_path)
     chosen = json.load(open(out / "summary.json"))["dtype"]
-    assert chosen in ("float32", "bfloat16") and "--dtype auto: a training step takes" in proc.stdout
+    assert chosen in ("float32", "bfloat16") and "--dtype auto: a forward and backward takes" in proc.stdout
     assert json.load(open(out / "summary.json"))["device"] == "cpu"
     saved = json.load(open(out / "checkpoint" / "config.json"))["train"]
     assert saved["dtype"] == chosen  # a resumed run keeps the dtype auto chose, it does not choose again
