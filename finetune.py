@@ -44,7 +44,7 @@ from minillm.classification_data import (
     LabelMap, LengthBatches, class_weights, collate, encode_examples, encode_instructions, predict_logits, read_table,
     to_examples,
 )
-from minillm.cli import add_bool, add_training_args, given_training_flags, positive_int, run_main
+from minillm.cli import DEVICE_HELP, add_bool, add_training_args, given_training_flags, positive_int, run_main
 from minillm.config import BACKENDS
 from minillm.data import LMData, evaluate_lm, read_corpus, split, to_device, tokenize_corpus
 from minillm.device import (
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--class-weights", choices=["none", "auto"], default="none", help="auto: weigh classes by inverse frequency")
     g.add_argument("--dropout", type=float, help="dropout of the model (default: its config's)")
     g.add_argument("--attention-backend", choices=BACKENDS, default="auto")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto: CUDA, then MPS, then CPU)")
+    g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.add_argument("--epochs", type=float, default=3.0, help="passes over the training set when --max-steps is not given")
     add_training_args(p, FINETUNE_DEFAULTS, out_default="out/finetune")
     g = p.add_argument_group("after training")
@@ -519,7 +519,7 @@ def main(argv=None) -> int:
     opts["max_steps"] = opts["max_steps"] or max(1, math.ceil(args.epochs * steps_per_epoch))
     opts["warmup_steps"] = opts["warmup_steps"] if opts["warmup_steps"] is not None else min(100, int(0.06 * opts["max_steps"]))
     s = TrainSettings.from_options(opts)
-    s.dtype = resolve_dtype(s.dtype, device, None if s.compile else probe_step(model, task))
+    s.dtype = resolve_dtype(s.dtype, device, probe_step(model, task) if s.dtype == "auto" and not s.compile else None)
     model.gradient_checkpointing = s.activation_checkpointing
     optimizer = make_optimizer(model, s)
     scaler = torch.amp.GradScaler(device.type, enabled=s.dtype == "float16")

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from minillm.cli import add_bool, add_training_args, positive_int, run_main
+from minillm.cli import DEVICE_HELP, add_bool, add_training_args, positive_int, run_main
 from minillm.config import ACTIVATIONS, BACKENDS, NORMS, POS_ENCODINGS, PRESETS, ModelConfig
 from minillm.data import DEFAULT_CORPUS, LMData, corpus_key, evaluate_lm, read_corpus, split, tokenize_corpus
 from minillm.device import (
@@ -74,8 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help=f"recipe or model preset: {', '.join(sorted(RECIPES))} (default: default)")
     p.add_argument("--model", choices=["gpt", "bert"], help="causal LM (gpt) or masked LM (bert)")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (default: auto: CUDA, then MPS, then CPU); "
-                                    "on a GPU the default and shakespeare-char recipes are GPU-sized")
+    p.add_argument("--device", help=DEVICE_HELP + "; on a GPU the default and shakespeare-char recipes are GPU-sized")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="text file or folder of text files (default: Python's bundled docs)")
     g.add_argument("--tokenizer", help="char | bpe | path to a tokenizer.json / vocab.txt / checkpoint folder (default: char)")
@@ -236,7 +235,7 @@ def main(argv=None) -> int:
     # -- model and optimizer ---------------------------------------------------------------------
     model = build_model(config).to(device)
     model.gradient_checkpointing = s.activation_checkpointing
-    s.dtype = resolve_dtype(s.dtype, device, probe_step(model, data) if world == 1 else None, log)
+    s.dtype = resolve_dtype(s.dtype, device, probe_step(model, data) if s.dtype == "auto" and world == 1 else None, log)
     optimizer = make_optimizer(model, s)
     scaler = torch.amp.GradScaler(device.type, enabled=s.dtype == "float16")
     state = TrainState()

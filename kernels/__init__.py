@@ -176,6 +176,22 @@ def row_grads(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor | None, b
                     groups, rows_per_program, *row_launch_config(n))
 
 
+def row_grads_like(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None):
+    """Empty (dx, dweight, dbias) shaped as a row norm's backward op returns them, for its fake
+    (shape-only) implementation; an absent weight or bias has an empty gradient."""
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device) if weight is not None else x.new_empty(0)
+    db = torch.empty(bias.shape, dtype=bias.dtype, device=x.device) if bias is not None else x.new_empty(0)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), dw, db
+
+
+def save_row_norm_inputs(ctx, inputs, output) -> None:
+    """A row norm's autograd context: x, weight and bias, and the per-row statistics its op
+    returns after y (mean and rstd, or rstd), which take no gradient."""
+    x, weight, bias, _ = inputs
+    ctx.save_for_backward(x, weight, bias, *output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+
+
 def contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     """t laid out contiguously (no copy when it already is); None for an absent weight or bias."""
     return t.contiguous() if t is not None else None

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels import (MAX_FUSED_SIZE, CompileSpec, as_rows, contiguous, device_guard, refuse_double_backward,
-                     none_as_empty, row_grads, row_launch_config, tl, triton, triton_usable)
+                     none_as_empty, row_grads, row_grads_like, row_launch_config, save_row_norm_inputs, tl, triton,
+                     triton_usable)
 
 
 @triton.jit
@@ -148,15 +149,7 @@ def _(x, weight, bias, eps):
 
 @_layer_norm_backward_op.register_fake
 def _(dy, x, weight, bias, mean, rstd):
-    dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device) if weight is not None else x.new_empty(0)
-    db = torch.empty(bias.shape, dtype=bias.dtype, device=x.device) if bias is not None else x.new_empty(0)
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device), dw, db
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, _ = inputs
-    ctx.save_for_backward(x, weight, bias, *output[1:])
-    ctx.mark_non_differentiable(*output[1:])
+    return row_grads_like(x, weight, bias)
 
 
 def _autograd_backward(ctx, dy, *_):
@@ -166,7 +159,7 @@ def _autograd_backward(ctx, dy, *_):
     return dx, dw if weight is not None else None, db if bias is not None else None, None
 
 
-_layer_norm_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+_layer_norm_op.register_autograd(_autograd_backward, setup_context=save_row_norm_inputs)
 
 
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None = None,

@@ -9,8 +9,8 @@ import argparse
 
 import torch
 
-from .cli import run_main
-from .device import DTYPES, autocast, check_device_support, inference_placement, resolve_device
+from .cli import add_inference_args, run_main
+from .device import autocast, inference_placement, resolve_device
 from .pretrained import load_finetuned
 
 
@@ -25,10 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", help="the base model of a LoRA checkpoint, when it has moved")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto: CUDA, then MPS, then CPU)")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="autocast dtype (default: auto: bfloat16 on CUDA GPUs, float16 on ones before compute capability 8.0, "
-                        "float32 elsewhere)")
+    add_inference_args(p)
     args = p.parse_args(argv)
     if args.tokens < 0:
         raise ValueError(f"--tokens must be >= 0, got {args.tokens}")
@@ -36,7 +33,6 @@ def main(argv=None) -> int:
         raise ValueError(f"--num-samples must be positive, got {args.num_samples}")
 
     device = resolve_device(args.device)
-    check_device_support(device)
     model, tokenizer, cfg = load_finetuned(args.ckpt, base=args.base)
     if model.config.arch != "gpt":
         raise ValueError(f"{args.ckpt}: holds a {model.config.arch.upper()} model; generation needs a GPT")

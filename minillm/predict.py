@@ -30,8 +30,8 @@ from .classification_data import (
     read_text,
     to_examples,
 )
-from .cli import run_main
-from .device import DTYPES, autocast, check_device_support, inference_placement, resolve_device
+from .cli import add_inference_args, run_main
+from .device import autocast, inference_placement, resolve_device
 from .pretrained import load_finetuned
 
 # Where the model's training column is missing from a table, the first of these found is read.
@@ -76,16 +76,12 @@ def main(argv=None) -> int:
     p.add_argument("--base", help="the base model of a LoRA checkpoint, when it has moved")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", action="store_true", help="JSON lines instead of tab-separated columns")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto: CUDA, then MPS, then CPU)")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="autocast dtype (default: auto: bfloat16 on CUDA GPUs, float16 on ones before compute capability 8.0, "
-                        "float32 elsewhere)")
+    add_inference_args(p)
     args = p.parse_args(argv)
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
 
     device = resolve_device(args.device)
-    check_device_support(device)
     model, tokenizer, cfg = load_finetuned(args.ckpt, base=args.base)
     if not model.config.num_labels or not cfg.get("labels"):
         raise ValueError(f"{args.ckpt}: holds no classifier (for a language model use python -m minillm.generate)")
@@ -104,7 +100,7 @@ def main(argv=None) -> int:
                               ft.get("max_len", model.config.block_size))
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     with autocast(device, dtype):
-        probs = F.softmax(predict_logits(model, encoded, pad, args.batch_size).float(), dim=-1)
+        probs = F.softmax(predict_logits(model, encoded, pad, args.batch_size), dim=-1)  # float32 logits
     if not args.json:
         print("\t".join(["label"] + [f"p({name})" for name in labels] + ["text"]))
     for (text, pair), pr in zip(inputs, probs):
