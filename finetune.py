@@ -14,6 +14,9 @@
     python finetune.py --init out/default --task lm --train notes.txt --out out/notes
     python finetune.py --init gpt2-dir --task lm --train pairs.jsonl --out out/sft   # {"prompt", "response"}
 
+    # any of these on several processes or GPUs: DDP, or FSDP2 with --fsdp (README: "Several GPUs")
+    torchrun --nproc_per_node=4 finetune.py --init $MINILM --train ... --batch-size 8 --out out/sst2-ddp
+
 --init is a checkpoint from train.py (or finetune.py), or a Hugging Face GPT-2/BERT directory
 (config.json; model.safetensors or pytorch_model.bin; tokenizer.json or vocab.txt).
 
@@ -37,6 +40,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from minillm.checkpoint import model_tensors, save_checkpoint
@@ -47,11 +51,15 @@ from minillm.classification_data import (
 from minillm.cli import DEVICE_HELP, add_bool, add_training_args, given_training_flags, positive_int, run_main
 from minillm.config import BACKENDS
 from minillm.data import LMData, evaluate_lm, read_corpus, split, to_device, tokenize_corpus
-from minillm.device import (
-    autocast, can_compile, check_device_support, check_memory, evaluating, resolve_device, resolve_dtype, seed_everything,
+from minillm.device import autocast, can_compile, check_device_support, evaluating, resolve_dtype, seed_everything
+from minillm.distributed import (
+    all_reduce_sum, finish_distributed, grad_sync, is_sharded, my_batches, my_part, rank_world, seed_per_process, setup_distributed,
+    shard_model, whole_model, wrap_ddp,
 )
 from minillm.hf_import import config_to_hf, save_hf
 from minillm.lora import DEFAULT_TARGETS, apply_lora, count_trainable, lora_state_dict, merge_lora
+from minillm.model import build_model
+from minillm.memory import check_memory
 from minillm.metrics import classification_report, format_confusion
 from minillm.pretrained import load_pretrained
 from minillm.quantize import quantize_int8, quantized_tensors
@@ -144,11 +152,13 @@ def lora_settings(args, opts) -> Optional[dict]:
 
 @dataclass
 class Task:
-    """What the loop trains on. batches: next() -> a batch on the device, state()/load_state();
-    loss(model, batch) -> (mean loss, targets with -100 where nothing is learned)."""
+    """What the loop trains on. batches: next() -> this process's part of a batch, on the device,
+    state()/load_state(); forward: the module the loop calls (DDP wraps it); loss(forward, batch)
+    -> (mean loss, targets with -100 where nothing is learned)."""
     batches: object
+    forward: nn.Module
     loss: Callable
-    evaluate: Optional[Callable]  # evaluate(model, device=None) -> metrics
+    evaluate: Optional[Callable]  # evaluate(model, device=None, split=True) -> metrics; split: over the processes
     unit: str  # what the throughput counts: "ex" (examples) or "tok"
     n_train: int  # examples (or windows) in an epoch
     describe: str
@@ -158,15 +168,19 @@ class Task:
 
 class PaddedBatches:
     """Batches of encoded examples of similar length, padded to the longest, on the device.
-    `pad_second`: classification pads token types with 0; instruction tuning pads targets with -100."""
+    `pad_second`: classification pads token types with 0; instruction tuning pads targets with -100.
+    Under torchrun every process draws the same global batch of world x batch_size examples and
+    keeps its part: N processes train as one process at N times the batch."""
 
     def __init__(self, encoded, labels, batch_size, seed, bucket, pad_id, device, pad_second=0):
-        self.order = LengthBatches([len(ids) for ids, _ in encoded], batch_size, seed, bucket=bucket)
+        world = rank_world()[1]
+        self.order = LengthBatches([len(ids) for ids, _ in encoded], batch_size * world, seed, bucket=bucket,
+                                   min_size=world)
         self.encoded, self.labels, self.pad_id, self.pad_second, self.device = encoded, labels, pad_id, pad_second, device
         self.state, self.load_state = self.order.state, self.order.load_state
 
     def next(self):
-        idx = self.order.next()
+        idx = my_part(self.order.next())
         ids, second, mask = collate(self.encoded, idx, self.pad_id, pad_second=self.pad_second)
         ids, second = to_device(ids, self.device), to_device(second, self.device)
         if self.labels is None:  # right padding needs no mask in a causal model: real tokens never look ahead
@@ -191,14 +205,13 @@ def classification_task(args, opts, model, tokenizer, device, saved) -> Task:
     fresh = model.add_classifier(len(labels), args.pooling)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else model.config.pad_token_id
     weights = class_weights(y_train.tolist(), len(labels)).to(device) if args.class_weights == "auto" else None
-    forward = torch.compile(classify_logits, dynamic=True) if opts["compile"] else classify_logits
 
-    def loss(m, batch):
+    def loss(forward, batch):
         ids, types, mask, y = batch
-        return F.cross_entropy(forward(m, ids, types, mask).float(), y, weight=weights), y
+        return F.cross_entropy(forward(ids, types, mask).float(), y, weight=weights), y
 
-    def evaluate(m, on=None):
-        logits = predict_logits(m, eval_enc, pad, args.eval_batch_size, device=on or device)
+    def evaluate(m, on=None, split=True):
+        logits = predict_logits(m, eval_enc, pad, args.eval_batch_size, device=on or device, split=split)
         report = classification_report(y_eval, logits.argmax(-1), len(labels))
         return {"eval_loss": F.cross_entropy(logits, y_eval).item(), "eval_accuracy": report["accuracy"],
                 "eval_precision": report["precision"], "eval_recall": report["recall"], "eval_f1": report["f1"],
@@ -212,11 +225,19 @@ def classification_task(args, opts, model, tokenizer, device, saved) -> Task:
                 + (f", {model.config.classifier_pooling} pooling" if model.config.arch == "bert" else ", last token"))
     record = {"text_col": text_col, "text_pair_col": args.text_pair_col, "label_col": args.label_col, "max_len": max_len}
     batches = PaddedBatches(train_enc, y_train, opts["batch_size"], opts["seed"], args.bucket is not False, pad, device)
-    return Task(batches, loss, evaluate if eval_enc else None, "ex", len(train_ex), describe, record, labels)
+    return Task(batches, Logits(model), loss, evaluate if eval_enc else None, "ex", len(train_ex), describe, record, labels)
 
 
-def classify_logits(model, ids, types, mask):
-    return model.classify(ids, attention_mask=mask, token_type_ids=types)[0]
+class Logits(nn.Module):
+    """A classifier's logits as a module's forward: what DDP wraps (it syncs gradients of what its
+    forward ran) and torch.compile compiles."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, types, mask):
+        return self.model.classify(ids, attention_mask=mask, token_type_ids=types)[0]
 
 
 def lm_task(args, opts, model, tokenizer, device) -> Task:
@@ -224,14 +245,13 @@ def lm_task(args, opts, model, tokenizer, device) -> Task:
     tuning of a GPT on prompt/response JSONL with the loss on the response only."""
     c = model.config
     block = min(args.max_len, c.block_size)
-    forward = torch.compile(model, dynamic=True) if opts["compile"] else model
 
-    def loss(m, batch):
+    def loss(forward, batch):
         x, y = batch
         return forward(x, y)[1], y
 
     if args.format == "jsonl" or (args.format is None and args.train.lower().endswith((".jsonl", ".json", ".ndjson"))):
-        return instruction_task(args, opts, tokenizer, block, c.arch, device, loss)
+        return instruction_task(args, opts, model, tokenizer, block, device, loss)
     if args.eval:
         train_tokens = tokenize_corpus(read_corpus(args.train), tokenizer)
         val_tokens = tokenize_corpus(read_corpus(args.eval), tokenizer)
@@ -240,21 +260,22 @@ def lm_task(args, opts, model, tokenizer, device) -> Task:
             raise ValueError(f"{args.eval}: {len(val_tokens)} tokens, fewer than one context window of {block + 1}")
     else:
         train_tokens, val_tokens = split(tokenize_corpus(read_corpus(args.train), tokenizer), 0.1, block)
+    rank, world = rank_world()
     data = LMData(train_tokens, val_tokens, block, opts["batch_size"], opts["seed"], device,
-                  mask_with=tokenizer if c.arch == "bert" else None)
+                  mask_with=tokenizer if c.arch == "bert" else None, rank=rank, world=world)
 
-    def evaluate(m, on=None):
-        loss_ = evaluate_lm(m, data, opts["eval_iters"], device=on)
+    def evaluate(m, on=None, split=True):
+        loss_ = evaluate_lm(m, data, opts["eval_iters"], device=on, split=split)
         return {"eval_loss": loss_, "eval_ppl": math.exp(min(loss_, 50))}
 
     describe = (f"{len(train_tokens):,} train / {len(val_tokens):,} eval tokens, windows of {block}, "
                 + ("next-token loss" if c.arch == "gpt" else "masked-LM loss"))
-    return Task(data, loss, evaluate, "tok", max(1, len(train_tokens) // block), describe,
+    return Task(data, model, loss, evaluate, "tok", max(1, len(train_tokens) // block), describe,
                 {"max_len": block, "instructions": False})
 
 
-def instruction_task(args, opts, tokenizer, block, arch, device, loss) -> Task:
-    if arch != "gpt":
+def instruction_task(args, opts, model, tokenizer, block, device, loss) -> Task:
+    if model.config.arch != "gpt":
         raise ValueError("instruction tuning (prompt/response JSONL) needs a GPT; a BERT continues "
                          "pretraining with --task lm on plain text (masked LM)")
     encode = functools.partial(encode_instructions, tokenizer, max_len=block, prompt_col=args.prompt_col,
@@ -263,20 +284,30 @@ def instruction_task(args, opts, tokenizer, block, arch, device, loss) -> Task:
     val = encode(read_table(args.eval, "jsonl")) if args.eval else []
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
 
-    @torch.no_grad()
-    def evaluate(m, on=None):
-        total, n = 0.0, 0
-        for i in range(0, len(val), args.eval_batch_size):
-            ids, targets, _ = collate(val, range(i, min(i + args.eval_batch_size, len(val))), pad, pad_second=-100)
-            k = int((targets != -100).sum())
-            total, n = total + m(ids.to(on or device), targets.to(on or device))[1].float().item() * k, n + k
-        return {"eval_loss": total / n, "eval_ppl": math.exp(min(total / n, 50))}
+    def evaluate(m, on=None, split=True):
+        return evaluate_instructions(m, val, pad, args.eval_batch_size, on or device, split)
 
     describe = f"{len(train):,} train / {len(val):,} eval prompt/response pairs, loss on the response tokens"
     record = {"max_len": block, "instructions": True, "prompt_col": args.prompt_col, "response_col": args.response_col}
     batches = PaddedBatches(train, None, opts["batch_size"], opts["seed"], args.bucket is not False, pad, device,
                             pad_second=-100)
-    return Task(batches, loss, evaluate if val else None, "tok", len(train), describe, record)
+    return Task(batches, model, loss, evaluate if val else None, "tok", len(train), describe, record)
+
+
+@torch.no_grad()
+def evaluate_instructions(model, val, pad, batch_size, device, split=True) -> dict:
+    """Mean loss per response token over the evaluation pairs, in batches; `split`: each process
+    runs its share of the batches and the sums are gathered (the one-process result, to the bit)."""
+    starts = range(0, len(val), batch_size)
+    sums = torch.zeros(2, len(starts), device=device)  # per batch: loss x response tokens, response tokens
+    for b, keep in my_batches(len(starts)) if split else [(b, True) for b in range(len(starts))]:
+        ids, targets, _ = collate(val, range(starts[b], min(starts[b] + batch_size, len(val))), pad, pad_second=-100)
+        loss = model(ids.to(device), targets.to(device))[1].float()
+        if keep:
+            k = (targets != -100).sum().item()
+            sums[:, b] = torch.stack([loss * k, torch.tensor(float(k), device=loss.device)])
+    total, n = (all_reduce_sum(sums) if split else sums).sum(dim=1).tolist()  # each batch from one process
+    return {"eval_loss": total / n, "eval_ppl": math.exp(min(total / n, 50))}
 
 
 # -- methods: what trains -------------------------------------------------------------------------
@@ -307,27 +338,50 @@ def apply_method(model, args, opts) -> str:
     return f"{what}: {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train"
 
 
-def probe_step(model, task: Task):
-    """One forward and backward on the task's first batch (the batches' position is restored),
-    for --dtype auto to time on the CPU."""
+def first_batch(task: Task):
+    """The task's first batch; the batches' position is left as it was."""
     position = task.batches.state()
     batch = task.batches.next()
     task.batches.load_state(position)
+    return batch
+
+
+def probe_step(model, task: Task):
+    """One forward and backward on the task's first batch, for --dtype auto to time on the CPU."""
+    batch = first_batch(task)
 
     def step():
-        task.loss(model, batch)[0].backward()
+        task.loss(task.forward, batch)[0].backward()
         model.zero_grad(set_to_none=True)
     return step
+
+
+def freeze_unused(model, task: Task) -> list[str]:
+    """DDP wants a gradient for every weight that trains. One forward and backward on the first
+    batch finds the weights the task never reaches (a BERT's pooler under mean pooling, a
+    masked-LM head while classifying): they are frozen, as they would not have changed anyway."""
+    with torch.random.fork_rng(devices=[]):  # the dropout of this probe leaves no trace
+        task.loss(task.forward, first_batch(task))[0].backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    for n, p in model.named_parameters():
+        if n in unused:
+            p.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    return unused
 
 
 # -- the loop -------------------------------------------------------------------------------------
 
 
 def finetune(model, task: Task, optimizer, scaler, state: TrainState, s: TrainSettings, run: RunDir, save,
-             device, show_progress: bool) -> None:
+             device, world: int, log, show_progress: bool) -> None:
     """Optimizer steps over the task's batches until max_steps, the time budget or stop_at_step;
-    evaluate, log and checkpoint at their intervals."""
+    evaluate, log and checkpoint at their intervals. Under torchrun each process runs its part
+    of every batch; the gradients are averaged over the processes (DDP, or FSDP2 under --fsdp)."""
     meter, bar, first = Meter(), ProgressBar(s, state, show_progress), True
+    ddp = wrap_ddp(task.forward, device, world)
+    forward = torch.compile(ddp, dynamic=True) if s.compile else ddp
+    syncs = model if is_sharded(model) else ddp  # what holds the gradient reduction: FSDP2's model, or DDP
     model.train()
     while not state.done(s):
         t0 = time.perf_counter()
@@ -335,11 +389,11 @@ def finetune(model, task: Task, optimizer, scaler, state: TrainState, s: TrainSe
         micro = [task.batches.next() for _ in range(s.grad_accum)]
         n_targets = count_targets([b[-1] for b in micro])  # examples, or tokens learned from
         step_loss = torch.zeros((), device=device)
-        for batch in micro:
-            with autocast(device, s.dtype):
-                loss, targets = task.loss(model, batch)
+        for i, batch in enumerate(micro):
+            with grad_sync(syncs, i == len(micro) - 1), autocast(device, s.dtype):
+                loss, targets = task.loss(forward, batch)
             part = token_share(loss, targets, n_targets)
-            scaler.scale(part).backward()
+            scaler.scale(part * world).backward()  # the processes' gradients are averaged: * world makes it a sum
             step_loss += part.detach()
         loss, finite, state.out_of_time = sync_step(step_loss, clip_gradients(model, optimizer, scaler, s.grad_clip),
                                                     state.time_up(s, time.perf_counter() - t0))
@@ -348,9 +402,9 @@ def finetune(model, task: Task, optimizer, scaler, state: TrainState, s: TrainSe
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if not finite:
-            skip_step(state, s, loss, run.path, scaler=scaler)
-        state.advance(time.perf_counter() - t0, sum(b[0].shape[0] if task.unit == "ex" else b[0].numel() for b in micro),
-                      meter, compiling=first and s.compile)
+            skip_step(state, s, loss, run.path, log, scaler)
+        items = sum(b[0].shape[0] if task.unit == "ex" else b[0].numel() for b in micro) * world
+        state.advance(time.perf_counter() - t0, items, meter, compiling=first and s.compile)
         first = False
         bar.update(state, loss, meter, task.unit)
         evaluating = bool(s.eval_interval) and state.step % s.eval_interval == 0 and not state.done(s)
@@ -359,7 +413,7 @@ def finetune(model, task: Task, optimizer, scaler, state: TrainState, s: TrainSe
             run.log(row)
             if evaluating and task.evaluate is not None:
                 bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("eval_")
-                                                            and isinstance(v, float)))
+                                                            and isinstance(v, float)), log)
         if state.checkpoint_due(s, evaluating):
             save()
     bar.close()
@@ -408,7 +462,7 @@ def write_quantized(model, out, config, tokenizer, extra, evaluate) -> dict:
         for kind, m, on in (("float", model, None), ("int8", qmodel, torch.device("cpu"))):
             t0 = time.perf_counter()
             with torch.no_grad():
-                metrics = evaluate(m, on)
+                metrics = evaluate(m, on, False)  # rank 0 alone: not split over the processes
             row[f"{kind}_eval_seconds"] = round(time.perf_counter() - t0, 2)
             row.update({f"{kind}_{k}": v for k, v in metrics.items() if k in ("eval_accuracy", "eval_f1", "eval_loss")})
     path = save_checkpoint(out, qmodel, config, tokenizer, extra_config={**extra, "quantized": "int8"},
@@ -462,7 +516,7 @@ def report(args, summary, task, plot) -> None:
 # -- main -----------------------------------------------------------------------------------------
 
 
-def start_model(args, opts, saved):
+def start_model(args, opts, saved, log=print):
     """The model to finetune and its tokenizer; a resumed run must keep the run's shape."""
     if saved is not None:
         was = saved.get("finetune") or {}
@@ -485,18 +539,20 @@ def start_model(args, opts, saved):
     if args.pooling and model.config.arch != "bert":
         raise ValueError("--pooling chooses BERT's sentence vector; a GPT classifies from its last real token")
     if init_info.get("missing_heads") and args.task == "lm":
-        print(f"note: {args.init} has no {'/'.join(init_info['missing_heads'])} weights; they start fresh")
+        log(f"note: {args.init} has no {'/'.join(init_info['missing_heads'])} weights; they start fresh")
     return model, tokenizer, init_info
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     opts = resolve(args)
-    device = resolve_device(args.device)
+    rank, world, device = setup_distributed(args.device)
+    log = print if rank == 0 else (lambda *a, **k: None)
     check_device_support(device, attention_backend=args.attention_backend)
-    opts["compile"] = opts["compile"] and can_compile(device)
+    opts["compile"] = opts["compile"] and can_compile(device, log)
     seed_everything(opts["seed"])
-    lock(args.out)
+    if rank == 0:
+        lock(args.out)
     if args.export_hf:  # an unwritable export folder is found now, not after training
         os.makedirs(args.export_hf, exist_ok=True)
         if not os.access(args.export_hf, os.W_OK):
@@ -504,9 +560,10 @@ def main(argv=None) -> int:
     saved = existing_run(args.out, args.resume)
     if args.resume and args.dtype is None:  # the dtype --dtype auto chose when the run began
         opts["dtype"] = (saved.get("train") or {}).get("dtype", opts["dtype"])
-    model, tokenizer, init_info = start_model(args, opts, saved if args.resume else None)
+    model, tokenizer, init_info = start_model(args, opts, saved if args.resume else None, log)
     check_memory(model.config, opts["batch_size"], min(args.max_len, model.config.block_size), device,
-                 n_params=sum(p.numel() for p in model.parameters()))
+                 n_params=sum(p.numel() for p in model.parameters()), processes=world, fsdp=opts["fsdp"],
+                 dtype=opts["dtype"])
 
     # -- data, head, method
     task = (classification_task(args, opts, model, tokenizer, device, saved if args.resume else None)
@@ -514,24 +571,30 @@ def main(argv=None) -> int:
     if args.export_hf:  # refuse before training what could not be exported after it
         config_to_hf(model.config)
     method = apply_method(model, args, opts)
-    model.to(device)
-    steps_per_epoch = math.ceil(task.n_train / (opts["batch_size"] * opts["grad_accum"]))
+    steps_per_epoch = math.ceil(task.n_train / (opts["batch_size"] * opts["grad_accum"] * world))
     opts["max_steps"] = opts["max_steps"] or max(1, math.ceil(args.epochs * steps_per_epoch))
     opts["warmup_steps"] = opts["warmup_steps"] if opts["warmup_steps"] is not None else min(100, int(0.06 * opts["max_steps"]))
     s = TrainSettings.from_options(opts)
-    s.dtype = resolve_dtype(s.dtype, device, probe_step(model, task) if s.dtype == "auto" and not s.compile else None)
+    model.to(device)
+    probe = s.dtype == "auto" and not s.compile and world == 1 and not s.fsdp
+    s.dtype = resolve_dtype(s.dtype, device, probe_step(model, task) if probe else None, log)
+    if world > 1 and freeze_unused(model, task):
+        method += " (weights the task never reaches frozen: DDP wants a gradient for every weight)"
+    if s.fsdp:  # FSDP2: each process keeps 1/world of the weights, gradients and moments
+        model = shard_model(model, device, s.dtype)
     model.gradient_checkpointing = s.activation_checkpointing
     optimizer = make_optimizer(model, s)
     scaler = torch.amp.GradScaler(device.type, enabled=s.dtype == "float16")
 
     # -- a fresh run, or the saved one continued
     state = TrainState()
+    seed_per_process(s.seed)  # dropout: each process its own masks (a resumed run restores each one's RNG)
     if args.resume:
         resume_training(saved["path"], model, optimizer, scaler, state, task.batches, strict=args.method != "lora")
-        print(f"resumed {args.out} at step {state.step}")
-    elif saved is not None:
-        print(f"note: {args.out} held an earlier run; it is kept in {keep_previous(args.out)}")
-    run = RunDir(args.out)
+        log(f"resumed {args.out} at step {state.step}")
+    elif saved is not None and rank == 0:
+        log(f"note: {args.out} held an earlier run; it is kept in {keep_previous(args.out)}")
+    run = RunDir(args.out, rank == 0)
     run.start(state.step if args.resume else None)
     finetuned = {"init": os.path.abspath(args.init), "task": args.task, "method": args.method, "merged": False,
                  "freeze_layers": args.freeze_layers, "lora": lora_settings(args, opts), **task.record}
@@ -539,17 +602,19 @@ def main(argv=None) -> int:
              "train": {**{k: v for k, v in opts.items() if isinstance(v, (int, float, str, bool, type(None)))},
                        "dtype": s.dtype}}
     save = functools.partial(save_training, args.out, model, optimizer, scaler, state, s, task.batches,
-                             config=model.config, tokenizer=tokenizer, extra=extra,
-                             tensors=(lambda: lora_state_dict(model)) if args.method == "lora" else None)
+                             config=model.config, tokenizer=tokenizer, extra=extra,  # every process calls it; rank 0 writes
+                             tensors=functools.partial(lora_state_dict, model) if args.method == "lora" else None)
     c = model.config
-    print(f"{c.arch.upper()} from {args.init}: {c.n_layer} layers, width {c.n_embd}, {c.n_head} heads | {method}")
-    print(f"{args.task}: {task.describe} | batch {s.batch_size}x{s.grad_accum}, lr {s.lr:g}, {s.max_steps:,} steps max"
-          + (f", {s.time_budget:g}s budget" if s.time_budget else "") + f" | {device}, {s.dtype}"
-          + (", compiled" if s.compile else ""))
+    log(f"{c.arch.upper()} from {args.init}: {c.n_layer} layers, width {c.n_embd}, {c.n_head} heads | {method}")
+    log(f"{args.task}: {task.describe} | batch {s.batch_size}x{s.grad_accum}"
+        + (f"x{world} processes" + (" (FSDP2)" if s.fsdp else " (DDP)") if world > 1 else "")
+        + f", lr {s.lr:g}, {s.max_steps:,} steps max" + (f", {s.time_budget:g}s budget" if s.time_budget else "")
+        + f" | {device}, {s.dtype}" + (", compiled" if s.compile else ""))
 
     wall0 = time.perf_counter()
     try:
-        finetune(model, task, optimizer, scaler, state, s, run, save, device, not args.no_progress)
+        finetune(model, task, optimizer, scaler, state, s, run, save, device, world, log,
+                 not args.no_progress and rank == 0)
     except TrainingStopped as e:
         raise ValueError(str(e)) from None
     final = run_eval(model, task, s, device)
@@ -558,12 +623,23 @@ def main(argv=None) -> int:
     summary = {"steps": state.step, "train_seconds": round(state.elapsed, 2), "wall_seconds": round(time.perf_counter() - wall0, 2),
                "compile_seconds": round(state.compile_seconds, 2), f"{task.unit}_per_s": run.median(f"{task.unit}_per_s"),
                "skipped_steps": state.skips, "checkpoint": save(), **final, "task": args.task, "method": args.method,
-               "init": args.init, "dtype": s.dtype, "batch_size": s.batch_size, "trainable_parameters": trainable,
-               "parameters": total, f"train_{task.unit}_per_s_overall": round(state.items_seen / state.elapsed, 1)
-               if state.elapsed else None}
-    deliver(args, model, task, tokenizer, extra, init_info, summary)
-    report(args, summary, task, run.finish(summary))
+               "init": args.init, "dtype": s.dtype, "batch_size": s.batch_size, "world_size": world, "fsdp": s.fsdp,
+               "trainable_parameters": trainable, "parameters": total,
+               f"train_{task.unit}_per_s_overall": round(state.items_seen / state.elapsed, 1) if state.elapsed else None}
+    whole = whole_model(model, lambda: rebuild(model.config, args, opts))  # under FSDP gathered on rank 0
+    if rank == 0:
+        deliver(args, whole.to(device), task, tokenizer, extra, init_info, summary)
+        report(args, summary, task, run.finish(summary))
+    finish_distributed()
     return 0
+
+
+def rebuild(config, args, opts):
+    """An empty model of the run's shape (with its LoRA layers), for weights gathered from FSDP's shards."""
+    model = build_model(config)
+    if args.method == "lora":
+        apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, opts["lora_targets"])
+    return model
 
 
 if __name__ == "__main__":

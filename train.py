@@ -6,6 +6,7 @@
     python train.py --out out/default --resume        # continue a run exactly where it stopped
     python train.py --device cpu --dtype float32      # force the CPU (default: CUDA, then MPS, then CPU)
     torchrun --nproc_per_node=2 train.py --max-steps 200   # DistributedDataParallel
+    torchrun --nproc_per_node=8 train.py --fsdp ...        # FSDP2: weights, gradients, AdamW moments sharded
 
 Reads top to bottom: settings -> data -> model and optimizer -> the training loop (`train`,
 below: batch, forward, backward, clip, step, schedule, evaluate, checkpoint, log) -> sample.
@@ -24,9 +25,13 @@ from minillm.cli import DEVICE_HELP, add_bool, add_training_args, positive_int, 
 from minillm.config import ACTIVATIONS, BACKENDS, NORMS, POS_ENCODINGS, PRESETS, ModelConfig
 from minillm.data import DEFAULT_CORPUS, LMData, corpus_key, evaluate_lm, read_corpus, split, tokenize_corpus
 from minillm.device import (
-    autocast, can_compile, check_device_support, check_memory, evaluating, finish_distributed, flops_per_token,
-    grad_sync, measure_matmul_peak, resolve_dtype, seed_everything, setup_distributed, wrap_ddp,
+    autocast, can_compile, check_device_support, evaluating, flops_per_token, measure_matmul_peak,
+    resolve_dtype, seed_everything,
 )
+from minillm.distributed import (
+    finish_distributed, grad_sync, seed_per_process, setup_distributed, shard_model, whole_model, wrap_ddp,
+)
+from minillm.memory import check_memory
 from minillm.model import build_model
 from minillm.run_dir import RunDir, existing_run, keep_previous, lock, refuse_clash
 from minillm.tokenizer import CharTokenizer, HFTokenizer, check_vocab, load_tokenizer
@@ -67,7 +72,7 @@ MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "n_inner", "block_siz
                "activation", "attention_backend", "dropout", "bias", "use_kernels", "chunked_ce")
 # What may differ in a resumed run: how it runs and reports, not what it computes.
 PER_INVOCATION = ("device", "attention_backend", "use_kernels", "chunked_ce", "compile", "stop_at_step", "sample_tokens",
-                  "log_interval", "eval_interval", "eval_iters", "ckpt_interval", "ckpt_seconds")
+                  "log_interval", "eval_interval", "eval_iters", "ckpt_interval", "ckpt_seconds", "fsdp")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,18 +232,21 @@ def main(argv=None) -> int:
         raise ValueError(f"--resume: the corpus {opts['data'] or '(Python docs)'} is not the one {args.out} was trained on")
     config = model_config(opts, tokenizer, saved, args.resume, args.out)
     check_vocab(tokenizer, config.vocab_size)
-    check_memory(config, s.batch_size, config.block_size, device)
+    check_memory(config, s.batch_size, config.block_size, device, processes=world, fsdp=s.fsdp, dtype=s.dtype)
     train_tokens, val_tokens = split(tokenize_corpus(docs, tokenizer), opts["val_fraction"], config.block_size)
     data = LMData(train_tokens, val_tokens, config.block_size, s.batch_size, s.seed, device,
                   mask_with=tokenizer if config.arch == "bert" else None, rank=rank, world=world)
 
     # -- model and optimizer ---------------------------------------------------------------------
-    model = build_model(config).to(device)
+    model = build_model(config)
     model.gradient_checkpointing = s.activation_checkpointing
-    s.dtype = resolve_dtype(s.dtype, device, probe_step(model, data) if s.dtype == "auto" and world == 1 else None, log)
+    probe = s.dtype == "auto" and world == 1 and not s.fsdp
+    s.dtype = resolve_dtype(s.dtype, device, probe_step(model.to(device), data) if probe else None, log)
+    model = shard_model(model, device, s.dtype) if s.fsdp else model.to(device)  # FSDP2: each process keeps 1/world
     optimizer = make_optimizer(model, s)
     scaler = torch.amp.GradScaler(device.type, enabled=s.dtype == "float16")
     state = TrainState()
+    seed_per_process(s.seed)  # dropout: each process its own masks (a resumed run restores each one's RNG)
     if args.resume:
         resume_training(saved["path"], model, optimizer, scaler, state, data)
         log(f"resumed {args.out} at step {state.step}")
@@ -250,12 +258,12 @@ def main(argv=None) -> int:
                         "dtype": s.dtype, "data_key": data_key},  # auto resolved: a resumed run keeps it
               "task": "causal_lm" if config.arch == "gpt" else "masked_lm"}
     save = functools.partial(save_training, args.out, model, optimizer, scaler, state, s, data, config=config,
-                             tokenizer=tokenizer, extra=record) if rank == 0 else (lambda: None)
+                             tokenizer=tokenizer, extra=record)  # every process calls it; rank 0 writes
     n_params = sum(p.numel() for p in model.parameters())
     meter = Meter(flops_per_token(model, config.block_size), measure_matmul_peak(device, s.dtype))
     log(f"{config.arch.upper()}: {n_params / 1e6:.2f}M parameters, {config.describe()}, {config.pos_encoding} "
         f"positions | {len(train_tokens):,} train / {len(val_tokens):,} val tokens | device {device}, {s.dtype}, "
-        f"{world} process(es), matmul peak {meter.peak_flops / 1e9:.0f} GFLOP/s")
+        f"{world} process(es){', FSDP2' if s.fsdp else ''}, matmul peak {meter.peak_flops / 1e9:.0f} GFLOP/s")
     log("settings: " + ", ".join(f"{k}={v}" for k, v in sorted(record["train"].items()) if k != "data_key"))
 
     # -- training --------------------------------------------------------------------------------
@@ -275,11 +283,13 @@ def main(argv=None) -> int:
                "wall_seconds": round(time.perf_counter() - wall0, 2), "compile_seconds": round(state.compile_seconds, 2),
                "tok_per_s": run.median("tok_per_s"), "mfu": meter.mfu(run.median("tok_per_s") or 0.0),
                "skipped_steps": state.skips, "checkpoint": path, **final, "parameters": n_params,
-               "preset": opts["preset"], "device": str(device), "dtype": s.dtype, "world_size": world,
+               "preset": opts["preset"], "device": str(device), "dtype": s.dtype, "world_size": world, "fsdp": s.fsdp,
                "matmul_peak_flops": round(meter.peak_flops)}
     plot = run.finish(summary)
-    report(summary, plot, model, tokenizer, (train_tokens, val_tokens), opts, args.out, device, log)
-    finish_distributed(world)
+    whole = whole_model(model, lambda: build_model(config))  # under FSDP gathered onto rank 0, None elsewhere
+    if rank == 0:
+        report(summary, plot, whole.to(device), tokenizer, (train_tokens, val_tokens), opts, args.out, device, log)
+    finish_distributed()
     if final and final["val_loss"] != final["val_loss"]:
         raise ValueError(f"the run ended with a non-finite validation loss ({final['val_loss']}); lower --lr?")
     return 0

@@ -5,6 +5,8 @@
         config.json            {"model": ModelConfig fields, "train": the run's settings, ...}
         char_tokenizer.json | tokenizer.json
         optimizer.safetensors  optimizer moments, flattened ("state.<i>.<name>")
+        sharded/               instead, under --fsdp: weights and moments as each process's shards
+                               (torch.distributed.checkpoint); model.safetensors is then gathered whole
         trainer_state.json     step, schedule, data position, RNG states, param-group settings
 
 A save writes everything into a temporary sibling folder, fsyncs every file, then swaps it in
@@ -112,17 +114,25 @@ def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict, meta: dict
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(out_dir: str, model, config: ModelConfig, tokenizer=None, optimizer=None,
-                    trainer_state: Optional[dict] = None, extra_config: Optional[dict] = None,
-                    name: str = CKPT, tensors: Optional[dict] = None) -> str:
-    """Write <out_dir>/<name>/ atomically. `tensors` replaces the model's weights (e.g. LoRA
-    adapters only). Returns the checkpoint path."""
+def begin_save(out_dir: str, name: str = CKPT) -> str:
+    """The temporary folder a save fills before it is swapped in (save_checkpoint's `tmp`);
+    clears those left by a process killed in the middle of a save."""
     os.makedirs(out_dir, exist_ok=True)
-    final = os.path.join(out_dir, name)
-    for stale in os.listdir(out_dir):  # left by a process killed in the middle of a save
+    for stale in os.listdir(out_dir):
         if stale.startswith(f".{name}.tmp-"):
             shutil.rmtree(os.path.join(out_dir, stale), ignore_errors=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir)
+    return tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir)
+
+
+def save_checkpoint(out_dir: str, model, config: ModelConfig, tokenizer=None, optimizer=None,
+                    trainer_state: Optional[dict] = None, extra_config: Optional[dict] = None,
+                    name: str = CKPT, tensors: Optional[dict] = None, tmp: Optional[str] = None) -> str:
+    """Write <out_dir>/<name>/ atomically. `tensors` replaces the model's weights (e.g. LoRA
+    adapters only, or weights gathered from shards). `tmp`: a folder from begin_save that other
+    processes have already written parts into (the shards of a sharded checkpoint). Returns
+    the checkpoint path."""
+    final = os.path.join(out_dir, name)
+    tmp = tmp or begin_save(out_dir, name)
     try:
         _save_tensors(tensors if tensors is not None else model_tensors(model), os.path.join(tmp, "model.safetensors"),
                       metadata={"format": "pt"})

@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .distributed import all_reduce_sum, my_batches
 from .tokenizer import HFTokenizer
 
 FORMATS = {".tsv": "tsv", ".tab": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
@@ -298,11 +299,14 @@ class LengthBatches:
     Checkpointable: the generator's state at the start of the epoch and the position in it.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, bucket: bool = True, pool: int = 50):
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, bucket: bool = True, pool: int = 50,
+                 min_size: int = 1):
         if not len(lengths):
             raise ValueError("no examples to draw batches from")
+        if len(lengths) < min_size:
+            raise ValueError(f"{len(lengths)} training examples cannot be shared by {min_size} processes")
         self.lengths = np.asarray(lengths)
-        self.batch_size, self.bucket, self.pool = batch_size, bucket, pool
+        self.batch_size, self.bucket, self.pool, self.min_size = batch_size, bucket, pool, min_size
         self.gen = torch.Generator().manual_seed(seed)
         self.epoch = 0
         self._start_epoch()
@@ -313,6 +317,8 @@ class LengthBatches:
         bs = self.batch_size
         if not self.bucket:
             self.order = [perm[i : i + bs] for i in range(0, len(perm), bs)]
+            if len(self.order[-1]) < self.min_size:
+                self.order[-2:] = [np.concatenate(self.order[-2:])]
         else:
             batches = []
             chunk = bs * self.pool
@@ -320,6 +326,8 @@ class LengthBatches:
                 part = perm[i : i + chunk]
                 part = part[np.argsort(self.lengths[part], kind="stable")]
                 batches += [part[j : j + bs] for j in range(0, len(part), bs)]
+            if len(batches[-1]) < self.min_size:  # every process needs an example: the short tail joins the batch before
+                batches[-2:] = [np.concatenate(batches[-2:])]
             shuffle = torch.randperm(len(batches), generator=self.gen).numpy()
             self.order = [batches[k] for k in shuffle]
         self.pos = 0
@@ -367,19 +375,21 @@ def collate(seqs: Sequence[tuple[list[int], list[int]]], indices, pad_id: int, p
 
 @torch.no_grad()
 def predict_logits(model, encoded: Sequence[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 64,
-                   device=None) -> torch.Tensor:
-    """Float32 logits (N, num_labels) of a classifier for encoded examples, in their order.
-    Batches of similar length, so padding costs little."""
+                   device=None, split: bool = False) -> torch.Tensor:
+    """Float32 logits (N, num_labels) of a classifier for encoded examples, in their order, on the
+    CPU. Batches of similar length, so padding costs little. `split` (under torchrun): each process
+    runs its share of the batches and the logits are gathered, those of one process to the bit."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = [None] * len(encoded)
-    for idx in eval_order([len(ids) for ids, _ in encoded], batch_size):
-        ids, types, mask = collate(encoded, idx, pad_id)
+    order, out = eval_order([len(ids) for ids, _ in encoded], batch_size), None
+    for i, keep in my_batches(len(order)) if split else [(i, True) for i in range(len(order))]:
+        ids, types, mask = collate(encoded, order[i], pad_id)
         mask = None if bool(mask.all()) else mask.to(device)  # no padding: attention needs no mask
         logits, _ = model.classify(ids.to(device), attention_mask=mask, token_type_ids=types.to(device))
-        logits = logits.float().cpu()
-        for row, i in enumerate(idx):
-            out[i] = logits[row]
+        if out is None:
+            out = torch.zeros(len(encoded), logits.shape[-1], device=logits.device)
+        if keep:
+            out[torch.as_tensor(order[i], device=logits.device)] = logits.float()
     model.train(was_training)
-    return torch.stack(out)
+    return (all_reduce_sum(out) if split else out).cpu()  # each row comes from one process; the others add zeros

@@ -68,6 +68,8 @@ TRAINING_HELP = {
              "MPS, and on the CPU float32 unless a timed forward and backward is 1.5x faster in bfloat16",
     "compile": "torch.compile the model (compile time is not charged to --time-budget)",
     "activation_checkpointing": "recompute each block in the backward pass (less memory)",
+    "fsdp": "FSDP2: shard weights, gradients and AdamW moments over the torchrun processes, one block at a "
+            "time gathered to run (for models whose training state does not fit one device)",
     "eval_interval": "steps between evaluations (0: only at the end)",
     "eval_iters": "language modelling: validation batches per evaluation",
     "log_interval": "steps between metrics.jsonl rows",

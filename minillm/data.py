@@ -14,6 +14,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .distributed import all_reduce_sum, my_batches
+
 DEFAULT_CORPUS = "pydoc"  # the interpreter's bundled reference documentation
 
 
@@ -122,31 +124,24 @@ def split(tokens: np.ndarray, val_fraction: float, block_size: int):
 
 
 class Batches:
-    """Random windows of a token array, drawn by a seeded generator (checkpointable).
+    """Random windows of a token array, drawn by a seeded generator (checkpointable)."""
 
-    For a global batch of `global_batch` windows the same offsets are drawn on every rank and
-    each rank keeps its own slice, so N processes see exactly what one process would.
-    """
-
-    def __init__(self, tokens: np.ndarray, block_size: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, tokens: np.ndarray, block_size: int, seed: int):
         self.tokens = tokens
         self.block_size = block_size
         self.gen = torch.Generator().manual_seed(seed)
-        self.rank, self.world = rank, world
 
-    def offsets(self, global_batch: int) -> torch.Tensor:
+    def offsets(self, batch: int) -> torch.Tensor:
         high = len(self.tokens) - self.block_size - 1
-        off = torch.randint(0, high + 1, (global_batch,), generator=self.gen)
-        per = global_batch // self.world
-        return off[self.rank * per : (self.rank + 1) * per]
+        return torch.randint(0, high + 1, (batch,), generator=self.gen)
 
     def windows(self, offsets: torch.Tensor, length: int) -> torch.Tensor:
         idx = offsets.numpy()[:, None] + np.arange(length)[None, :]
         return torch.from_numpy(self.tokens[idx].astype(np.int64))
 
-    def causal_lm(self, global_batch: int):
+    def causal_lm(self, batch: int):
         """x, y: (B, T) with y the next token after each x."""
-        w = self.windows(self.offsets(global_batch), self.block_size + 1)
+        w = self.windows(self.offsets(batch), self.block_size + 1)
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
     def state(self) -> torch.Tensor:
@@ -177,30 +172,36 @@ def mask_tokens(x: torch.Tensor, tokenizer, vocab_size: int, gen: torch.Generato
 class LMData:
     """Language-modelling batches over a train/validation token split: next-token windows for a
     GPT, masked windows for a BERT (`tokenizer` given: its mask token and specials). One object
-    for train.py and finetune.py --task lm; checkpointable (`state`/`load_state`)."""
+    for train.py and finetune.py --task lm; checkpointable (`state`/`load_state`).
+
+    Under torchrun every process draws (and masks) the same global batch of world x batch_size
+    windows and keeps its slice: N processes see exactly what one process at N times the batch sees."""
 
     def __init__(self, train: np.ndarray, val: np.ndarray, block_size: int, batch_size: int, seed: int,
                  device: torch.device, mask_with=None, rank: int = 0, world: int = 1):
         self.train, self.val, self.block_size, self.batch_size = train, val, block_size, batch_size
-        self.device, self.mask_with, self.world = device, mask_with, world
-        self.batches = Batches(train, block_size, seed=seed, rank=rank, world=world)
+        self.device, self.mask_with, self.rank, self.world = device, mask_with, rank, world
+        self.batches = Batches(train, block_size, seed=seed)
         self.mask_gen = torch.Generator().manual_seed(seed + 1)
 
-    def _to_device(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, device=None):
-        device = device or self.device
+    def _mask(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
         if self.mask_with is not None:
             x, y = mask_tokens(x, self.mask_with, self.mask_with.vocab_size, gen)
-        return to_device(x, device), to_device(y, device)
+        return x, y
 
     def next(self):
         """(x, y): this process's (batch_size, block_size) slice of the global batch."""
-        return self._to_device(*self.batches.causal_lm(self.batch_size * self.world), self.mask_gen)
+        x, y = self._mask(*self.batches.causal_lm(self.batch_size * self.world), self.mask_gen)
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        return to_device(x[mine], self.device), to_device(y[mine], self.device)
 
     def eval_batches(self, iters: int, device=None):
-        """The same validation windows (and masks) at every evaluation, so the numbers compare."""
+        """The same validation windows (and masks) at every evaluation, so the numbers compare;
+        batches of the global batch size (evaluate_lm shares them out among the processes)."""
         vb, vgen = Batches(self.val, self.block_size, seed=0), torch.Generator().manual_seed(1)
         for _ in range(iters):
-            yield self._to_device(*vb.causal_lm(self.batch_size), vgen, device)
+            x, y = self._mask(*vb.causal_lm(self.batch_size * self.world), vgen)
+            yield to_device(x, device or self.device), to_device(y, device or self.device)
 
     def state(self) -> dict:
         return {"train": self.batches.state(), "mask": self.mask_gen.get_state()}
@@ -219,12 +220,21 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_lm(model, data: LMData, iters: int, device=None) -> float:
+def evaluate_lm(model, data: LMData, iters: int, device=None, split: bool = True) -> float:
     """Mean loss per target token over `iters` fixed validation batches (masked LM: the
-    batches hold different numbers of masked tokens, so they are weighed by them)."""
-    total, count = 0.0, 0
-    for x, y in data.eval_batches(iters, device):
+    batches hold different numbers of masked tokens, so they are weighed by them). Under
+    torchrun (`split`) each process runs its share of the batches and the sums are gathered:
+    the result is the one-process one, to the bit."""
+    device = device or data.device
+    sums = torch.zeros(2, iters, device=device)  # per batch: loss x targets, targets
+    batches = list(data.eval_batches(iters, device))  # every process draws them all: the masks come in turn
+    for i, keep in my_batches(iters) if split else [(i, True) for i in range(iters)]:
+        x, y = batches[i]
         _, loss = model(x, y)
         n = (y != -100).sum()
-        total, count = total + torch.where(n > 0, loss.float() * n, 0.0), count + n  # on the device: no sync per batch
-    return float(total / count) if int(count) else float("nan")
+        if keep:
+            sums[:, i] = torch.stack([torch.where(n > 0, loss.float() * n, 0.0), n.float()])
+    if split:
+        all_reduce_sum(sums)  # each batch's sums come from one process; the others add zeros
+    total, count = sums.sum(dim=1).tolist()
+    return total / count if count else float("nan")

@@ -1,9 +1,5 @@
-"""Where a run executes: the device and the processes (DDP), precision, seeding, and MFU.
-
-Under torchrun every process calls `setup_distributed()`; rank 0 writes the files. The
-helpers at the end keep every decision that changes a loop's control flow identical on every
-rank (a rank that stops alone leaves the others waiting in a collective).
-"""
+"""Where a run executes: the device, precision, seeding and MFU. Several processes
+(DDP, FSDP2) are distributed.py's; memory estimates memory.py's."""
 from __future__ import annotations
 
 import contextlib
@@ -14,9 +10,7 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,27 +46,6 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 def _mps_available() -> bool:
     return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-
-
-def setup_distributed(spec: str = "auto") -> tuple[int, int, torch.device]:
-    """(rank, world_size, device) for --device spec. Under torchrun each process takes the GPU
-    of its LOCAL_RANK and joins the group: nccl on GPUs, gloo on CPUs."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(spec)
-    if world > 1 and device.type == "cuda":
-        if spec not in ("auto", "cuda"):
-            raise ValueError(f"--device {spec}: under torchrun each process uses the GPU of its LOCAL_RANK; "
-                             "pass --device cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES")
-        device = resolve_device(f"cuda:{local}")
-    if world > 1 and device.type == "mps":
-        raise ValueError("--device mps: torch.distributed has no MPS backend; run one process on MPS")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
 
 
 def resolve_dtype(spec: str, device: torch.device, step=None, log=print) -> str:
@@ -144,34 +117,6 @@ def check_device_support(device: torch.device, use_kernels: bool = False, attent
                          "use auto, sdpa or naive")
 
 
-def wrap_ddp(model: nn.Module, device: torch.device, world: int) -> nn.Module:
-    """The model the loop calls: DDP-wrapped when there are several processes."""
-    if world == 1:
-        return model
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def grad_sync(model: nn.Module, sync: bool):
-    """DDP averages gradients on the last micro-batch of a step only (no_sync before it)."""
-    if sync or not hasattr(model, "no_sync"):
-        return contextlib.nullcontext()
-    return model.no_sync()
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Summed over the processes, in place (a no-op in a single process)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
-def finish_distributed(world: int) -> None:
-    """Leave together: a process that tears down while another still talks to it dies in gloo."""
-    if world > 1 and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def can_compile(device: torch.device, log=print) -> bool:
     """torch.compile on the CPU builds C++ and needs a compiler: without one, say so and run eagerly."""
     if device.type == "cpu" and shutil.which(os.environ.get("CXX", "g++")) is None:
@@ -231,47 +176,6 @@ def measure_matmul_peak(device: torch.device, dtype: str, n=None, reps: int = 10
                 torch.mps.synchronize()
             times.append(time.perf_counter() - t0)
     return 2 * n**3 / sorted(times)[len(times) // 2]
-
-
-def available_memory(device: torch.device):
-    """Bytes free for this run on the device (CUDA: free GPU memory; CPU: MemAvailable), or None."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None  # not Linux: no check
-
-
-def approx_params(config) -> int:
-    """Parameters of a transformer by the usual count: per block 4C^2 for attention and 2 or 3
-    x C x inner for the MLP (3 with SwiGLU's gate), plus the token embeddings."""
-    c = config
-    mlp = (3 if c.activation == "swiglu" else 2) * c.n_embd * c.inner
-    return c.n_layer * (4 * c.n_embd**2 + mlp) + c.vocab_size * c.n_embd
-
-
-def training_bytes(n_params: int, config, batch: int, block: int) -> int:
-    """A rough peak for a float32 AdamW step: weights, gradients and two moments (16 bytes a
-    parameter), the activations each block keeps for backward (about 8C + 2 x inner + 2 x heads x T
-    floats a token), and the logits with their float copy and gradient."""
-    c = config
-    per_token = c.n_layer * (8 * c.n_embd + 2 * c.inner + 2 * c.n_head * block) + 3 * c.vocab_size
-    return 16 * n_params + 4 * batch * block * per_token
-
-
-def check_memory(config, batch: int, block: int, device: torch.device, n_params=None) -> int:
-    """Refuse, before anything big is allocated, a run whose estimated peak does not fit."""
-    if n_params is None:  # before the model exists: the usual count (building even an empty one takes a second)
-        n_params = approx_params(config)
-    need, free = training_bytes(n_params, config, batch, block), available_memory(device)
-    if free is not None and need > free:
-        raise ValueError(f"this run needs about {need / 2**30:.1f} GiB ({n_params / 1e6:,.0f}M parameters, batch {batch} "
-                         f"x {block} tokens) but {device.type} has {free / 2**30:.1f} GiB free: use a smaller model, "
-                         "--batch-size or --block-size")
-    return need
 
 
 def flops_per_token(model: nn.Module, block_size: int) -> float:

@@ -16,7 +16,7 @@ A LoRALinear keeps the base layer's parameter names (`weight`, `bias`) and adds 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -109,9 +109,11 @@ def merge_lora(model: nn.Module) -> int:
     return count
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What a LoRA run needs to save: the adapters and every other trainable parameter (the head)."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad or ".lora_" in n}
+def lora_state_dict(model: nn.Module, weights: Optional[dict] = None) -> dict[str, torch.Tensor]:
+    """What a LoRA run needs to save: the adapters and every other trainable parameter (the head),
+    taken from `weights` when given (e.g. gathered from FSDP's shards), else from the model."""
+    keep = [(n, p) for n, p in model.named_parameters() if p.requires_grad or ".lora_" in n]
+    return {n: (p.detach() if weights is None else weights[n]) for n, p in keep}
 
 
 def count_trainable(model: nn.Module) -> tuple[int, int]:

@@ -61,7 +61,12 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # another user's live process
         return True
-    return True
+    try:  # a killed process nobody has reaped yet (a torchrun worker whose launcher died) is a zombie: dead
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # not Linux: os.kill's word
+
 
 
 def lock(out: str) -> str:

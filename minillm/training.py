@@ -6,7 +6,8 @@
     a step     count_targets + token_share (the gradient of grad_accum micro-batches equals that
                of one big batch), clip_gradients, sync_step (the step's one host sync),
                skip_step (non-finite steps leave the weights alone, up to max_skips)
-    saving     save_training / resume_training (weights, optimizer, RNG, data position)
+    saving     save_training / resume_training (weights, optimizer, RNG, data position; sharded
+               under --fsdp)
     watching   Meter (throughput, MFU) and ProgressBar
 """
 from __future__ import annotations
@@ -24,7 +25,11 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
-from .device import DTYPES, all_reduce_sum
+from .device import DTYPES
+from .distributed import (
+    all_reduce_sum, broadcast_object, collective_any, full_weights, gather_objects, is_sharded, load_sharded, rank_world,
+    save_sharded,
+)
 
 
 class TrainingStopped(RuntimeError):
@@ -49,6 +54,7 @@ class TrainSettings:
     dtype: str = "auto"  # autocast dtype: auto (device.resolve_dtype) | float32 | bfloat16 | float16 (with a loss scaler)
     compile: bool = False  # torch.compile the model (its compile time is not charged to time_budget)
     activation_checkpointing: bool = False  # recompute each block in the backward pass
+    fsdp: bool = False  # shard weights, gradients and optimizer moments over the processes (FSDP2)
     eval_interval: int = 250  # steps between evaluations (0: only at the end)
     eval_iters: int = 20  # language modelling: batches per evaluation
     log_interval: int = 10  # steps between metrics.jsonl rows
@@ -179,14 +185,13 @@ def token_share(loss: torch.Tensor, targets: torch.Tensor, n_step: torch.Tensor)
 
 
 def clip_gradients(model: nn.Module, optimizer, scaler, max_norm: float) -> torch.Tensor:
-    """The global gradient norm (after unscaling), clipped to max_norm when it is positive."""
+    """The global gradient norm (after unscaling), clipped to max_norm when it is positive.
+    Under FSDP each process holds a shard of each gradient: the norm is reduced over them."""
     scaler.unscale_(optimizer)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
+    if not any(p.grad is not None for p in model.parameters()):
         return torch.zeros(())
-    if max_norm > 0:
-        return nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf, foreach=True)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
 
 
 def sync_step(step_loss: torch.Tensor, grad_norm: torch.Tensor, time_up: bool) -> tuple[float, bool, bool]:
@@ -224,31 +229,56 @@ def _from_json(data_state: dict) -> dict:
 
 
 def save_training(out: str, model, optimizer, scaler, state: TrainState, settings: TrainSettings, data, *,
-                  config, tokenizer, extra: dict, tensors: Optional[Callable[[], dict]] = None) -> str:
-    """Write <out>/checkpoint atomically; `tensors()` replaces the weights (e.g. LoRA adapters).
-    Non-finite weights are never written: the run stops and the last good checkpoint stays."""
-    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                  config, tokenizer, extra: dict, tensors: Optional[Callable[[dict], dict]] = None) -> str:
+    """Write <out>/checkpoint atomically; every process calls it, rank 0 writes (under FSDP each
+    process also writes its shards). `tensors(weights)` picks what to save of the weights (e.g.
+    the LoRA adapters). Non-finite weights are never written: the run stops and the last good
+    checkpoint stays."""
+    rank, world = rank_world()
+    device = next(model.parameters()).device
+    local = (p.to_local() if hasattr(p, "to_local") else p for p in model.parameters())
+    if collective_any(not all(bool(torch.isfinite(p).all()) for p in local), device):
         raise TrainingStopped(f"stopped at step {state.step}: the weights are no longer finite (lower --lr?); "
                               f"the last good checkpoint in {out} is kept")
     state.last_save = state.elapsed
-    trainer_state = {
-        **asdict(state), "settings": asdict(settings), "data": _to_json(data.state()),
-        "torch_rng": ckpt_io.rng_to_json(torch.get_rng_state()), "python_rng": list(random.getstate()),
-        "scaler": {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in scaler.state_dict().items()},
-    }
-    device = next(model.parameters()).device
-    if device.type == "cuda":  # dropout on a GPU draws from the GPU's generator
-        trainer_state["cuda_rng"] = ckpt_io.rng_to_json(torch.cuda.get_rng_state(device))
-    return ckpt_io.save_checkpoint(out, model, config, tokenizer, optimizer=optimizer, trainer_state=trainer_state,
-                                   extra_config=extra, tensors=tensors() if tensors is not None else None)
+    rngs = gather_objects({"torch": ckpt_io.rng_to_json(torch.get_rng_state()),  # dropout: each process its own
+                           **({"cuda": ckpt_io.rng_to_json(torch.cuda.get_rng_state(device))} if device.type == "cuda" else {})})
+    sharded = is_sharded(model)
+    tmp = broadcast_object(ckpt_io.begin_save(out) if rank == 0 else None) if sharded else None
+    if sharded:
+        save_sharded(os.path.join(tmp, "sharded"), model, optimizer)
+    weights = full_weights(model)  # under FSDP gathered onto rank 0
+    path = os.path.join(out, ckpt_io.CKPT)
+    if rank == 0:
+        trainer_state = {
+            **asdict(state), "settings": asdict(settings), "data": _to_json(data.state()),
+            "torch_rng": rngs[0]["torch"], "python_rng": list(random.getstate()), "world_size": world,
+            "scaler": {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in scaler.state_dict().items()},
+            **({"cuda_rng": rngs[0]["cuda"]} if "cuda" in rngs[0] else {}), **({"process_rng": rngs} if world > 1 else {}),
+        }
+        path = ckpt_io.save_checkpoint(out, model, config, tokenizer, optimizer=None if sharded else optimizer,
+                                       trainer_state=trainer_state, extra_config=extra, tmp=tmp,
+                                       tensors=tensors(weights) if tensors is not None else weights)
+    if sharded:
+        dist.barrier()  # the next save's begin_save must not sweep this one's folder from under a slow process
+    return path
 
 
 def resume_training(ckpt: str, model, optimizer, scaler, state: TrainState, data, strict: bool = True) -> None:
-    """Load weights, optimizer moments, schedule position, RNG states and data position."""
-    ckpt_io.load_weights(model, ckpt_io.read_tensors(os.path.join(ckpt, "model.safetensors")), ckpt, strict=strict)
+    """Load weights, optimizer moments, schedule position, RNG states and data position. A
+    sharded checkpoint (--fsdp) loads into any number of processes, sharded or not."""
+    sharded = os.path.join(ckpt, "sharded")
+    if os.path.isdir(sharded):
+        load_sharded(sharded, model, optimizer)
+    elif is_sharded(model):
+        raise ValueError(f"--fsdp: {ckpt} was saved without --fsdp (its optimizer moments are whole, not "
+                         "sharded); resume it without --fsdp")
+    else:
+        ckpt_io.load_weights(model, ckpt_io.read_tensors(os.path.join(ckpt, "model.safetensors")), ckpt, strict=strict)
     path = os.path.join(ckpt, "trainer_state.json")
     opt_path = os.path.join(ckpt, "optimizer.safetensors")
-    opt_tensors = ckpt_io.read_tensors(opt_path) if os.path.exists(opt_path) else None
+    opt_tensors = ckpt_io.read_tensors(opt_path) if os.path.exists(opt_path) and not os.path.isdir(sharded) else None
+    rank, world = rank_world()
     try:  # a damaged or foreign trainer_state.json is one clear error, not a traceback
         with open(path, encoding="utf-8") as f:
             st = json.load(f)
@@ -257,10 +287,15 @@ def resume_training(ckpt: str, model, optimizer, scaler, state: TrainState, data
         state.step, state.elapsed = int(st["step"]), float(st["elapsed"])
         state.items_seen, state.skips = int(st.get("items_seen", 0)), int(st.get("skips", 0))
         state.compile_seconds, state.last_save = float(st.get("compile_seconds", 0.0)), state.elapsed
-        torch.set_rng_state(ckpt_io.rng_from_json(st["torch_rng"]))
+        rngs = st.get("process_rng") or [{"torch": st["torch_rng"], **({"cuda": st["cuda_rng"]} if st.get("cuda_rng") else {})}]
+        own = rngs[rank] if len(rngs) == world else rngs[0] if rank == 0 else None
         device = next(model.parameters()).device
-        if device.type == "cuda" and st.get("cuda_rng"):
-            torch.cuda.set_rng_state(ckpt_io.rng_from_json(st["cuda_rng"]), device)
+        if own is None:  # another number of processes: rank 0 goes on from rank 0's state, the others start anew
+            torch.manual_seed(1000 * state.step + rank)
+        else:
+            torch.set_rng_state(ckpt_io.rng_from_json(own["torch"]))
+            if device.type == "cuda" and own.get("cuda"):
+                torch.cuda.set_rng_state(ckpt_io.rng_from_json(own["cuda"]), device)
         version, internal, gauss = st["python_rng"]
         random.setstate((version, tuple(internal), gauss))
         if st.get("scaler"):

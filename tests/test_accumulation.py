@@ -104,7 +104,7 @@ import json, os, sys
 import torch, torch.distributed as dist
 sys.path.insert(0, os.environ["TEST_DIR"])
 from test_accumulation import micro_batches, tiny, reference_grads, grads, max_diff
-from minillm.device import grad_sync, setup_distributed, wrap_ddp
+from minillm.distributed import grad_sync, setup_distributed, wrap_ddp
 from minillm.training import count_targets, token_share
 
 kind, result, store, rank = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from minillm.data import Batches, mask_tokens, read_corpus, split, tokenize_corpus
+from minillm.data import Batches, LMData, mask_tokens, read_corpus, split, tokenize_corpus
 from minillm.tokenizer import CharTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,12 +143,16 @@ def test_batches_and_masking():
     b = Batches(tokens, 16, seed=0)
     x, y = b.causal_lm(8)
     assert x.shape == (8, 16) and torch.equal(y, x + 1)
-    # ranks take disjoint slices of the same global batch
-    r0 = Batches(tokens, 16, seed=3, rank=0, world=2).causal_lm(8)[0]
-    r1 = Batches(tokens, 16, seed=3, rank=1, world=2).causal_lm(8)[0]
-    full = Batches(tokens, 16, seed=3).causal_lm(8)[0]
-    assert torch.equal(torch.cat([r0, r1]), full)
     tok = CharTokenizer.train("abcdefghij")
+    # under torchrun each process keeps its slice of the global batch, masks included: two processes
+    # at batch 4 see, batch after batch, what one process at batch 8 sees
+    for mask_with in (None, tok):
+        one = LMData(tokens, tokens, 16, 8, 3, torch.device("cpu"), mask_with=mask_with)
+        parts = [LMData(tokens, tokens, 16, 4, 3, torch.device("cpu"), mask_with=mask_with, rank=r, world=2) for r in (0, 1)]
+        for _ in range(3):
+            x, y = one.next()
+            (x0, y0), (x1, y1) = parts[0].next(), parts[1].next()
+            assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
     x = torch.randint(3, 13, (64, 64))
     inp, tgt = mask_tokens(x, tok, tok.vocab_size, torch.Generator().manual_seed(0))
     chosen = tgt != -100
@@ -300,7 +304,7 @@ def test_run_that_cannot_fit_is_refused_before_allocating(tmp_path, corpus):
                      tmp_path, check=False)
     _expect_error(proc, "needs about", "GiB free")
     from minillm.config import preset
-    from minillm.device import training_bytes
+    from minillm.memory import training_bytes
 
     small = training_bytes(10**6, preset("gpt-cpu", vocab_size=100), batch=16, block=128)
     assert 16 * 10**6 < small < 2**30  # the recipes' models are estimated at well under a GiB
