@@ -459,7 +459,7 @@ def write_quantized(model, out, config, tokenizer, extra, evaluate) -> dict:
     row = {"float_bytes": tensor_bytes(model_tensors(model)), "int8_bytes": tensor_bytes(quantized_tensors(qmodel))}
     if evaluate is not None:
         model.eval()
-        for kind, m, on in (("float", model, None), ("int8", qmodel, torch.device("cpu"))):
+        for kind, m, on in (("float", model, next(model.parameters()).device), ("int8", qmodel, torch.device("cpu"))):
             t0 = time.perf_counter()
             with torch.no_grad():
                 metrics = evaluate(m, on, False)  # rank 0 alone: not split over the processes
@@ -626,9 +626,10 @@ def main(argv=None) -> int:
                "init": args.init, "dtype": s.dtype, "batch_size": s.batch_size, "world_size": world, "fsdp": s.fsdp,
                "trainable_parameters": trainable, "parameters": total,
                f"train_{task.unit}_per_s_overall": round(state.items_seen / state.elapsed, 1) if state.elapsed else None}
-    whole = whole_model(model, lambda: rebuild(model.config, args, opts))  # under FSDP gathered on rank 0
+    # Under FSDP the weights gathered whole on rank 0, on the CPU (the model need not fit one GPU)
+    whole = whole_model(model, lambda: rebuild(model.config, args, opts))
     if rank == 0:
-        deliver(args, whole.to(device), task, tokenizer, extra, init_info, summary)
+        deliver(args, whole, task, tokenizer, extra, init_info, summary)
         report(args, summary, task, run.finish(summary))
     finish_distributed()
     return 0

@@ -260,10 +260,12 @@ def main(argv=None) -> int:
     save = functools.partial(save_training, args.out, model, optimizer, scaler, state, s, data, config=config,
                              tokenizer=tokenizer, extra=record)  # every process calls it; rank 0 writes
     n_params = sum(p.numel() for p in model.parameters())
-    meter = Meter(flops_per_token(model, config.block_size), measure_matmul_peak(device, s.dtype))
+    # MFU: the throughput of all processes over the peak of all of them (each measures its own share)
+    meter = Meter(flops_per_token(model, config.block_size), measure_matmul_peak(device, s.dtype) * world)
     log(f"{config.arch.upper()}: {n_params / 1e6:.2f}M parameters, {config.describe()}, {config.pos_encoding} "
         f"positions | {len(train_tokens):,} train / {len(val_tokens):,} val tokens | device {device}, {s.dtype}, "
-        f"{world} process(es){', FSDP2' if s.fsdp else ''}, matmul peak {meter.peak_flops / 1e9:.0f} GFLOP/s")
+        f"{world} process(es){', FSDP2' if s.fsdp else ''}, matmul peak {meter.peak_flops / 1e9:.0f} GFLOP/s"
+        + (f" ({meter.peak_flops / world / 1e9:.0f} a process)" if world > 1 else ""))
     log("settings: " + ", ".join(f"{k}={v}" for k, v in sorted(record["train"].items()) if k != "data_key"))
 
     # -- training --------------------------------------------------------------------------------
@@ -286,9 +288,11 @@ def main(argv=None) -> int:
                "preset": opts["preset"], "device": str(device), "dtype": s.dtype, "world_size": world, "fsdp": s.fsdp,
                "matmul_peak_flops": round(meter.peak_flops)}
     plot = run.finish(summary)
-    whole = whole_model(model, lambda: build_model(config))  # under FSDP gathered onto rank 0, None elsewhere
+    # Under FSDP the weights gathered whole on rank 0, on the CPU (the model need not fit one GPU); None elsewhere
+    whole = whole_model(model, lambda: build_model(config))
     if rank == 0:
-        report(summary, plot, whole.to(device), tokenizer, (train_tokens, val_tokens), opts, args.out, device, log)
+        on = device if whole is model else torch.device("cpu")
+        report(summary, plot, whole, tokenizer, (train_tokens, val_tokens), opts, args.out, on, log)
     finish_distributed()
     if final and final["val_loss"] != final["val_loss"]:
         raise ValueError(f"the run ended with a non-finite validation loss ({final['val_loss']}); lower --lr?")

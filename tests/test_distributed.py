@@ -46,6 +46,20 @@ def run_script(script, args, tmp_path, processes=1, **popen):
     return proc
 
 
+def two_processes(script: str, tmp_path) -> dict:
+    """Run `script` as 2 processes joined by a file rendezvous (no port to race for); the JSON
+    rank 0 wrote."""
+    path, result, store = tmp_path / "script.py", tmp_path / "result.json", tmp_path / "store"
+    path.write_text(script)
+    env = {**environment(tmp_path), "ROOT": ROOT}
+    procs = [subprocess.Popen([sys.executable, str(path), str(result), str(store), str(rank)],
+                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    return json.load(open(result))
+
+
 def rows(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -160,16 +174,7 @@ def test_evaluation_split_over_processes_equals_one_process_exactly(tmp_path):
     """Each process evaluates its share of the batches (6 classification batches, 5 LM and 6
     instruction batches: uneven shares) and the results are gathered: identical to one process
     evaluating them all, bit for bit."""
-    script = tmp_path / "evaluate.py"
-    script.write_text(EVAL_SCRIPT)
-    result, store = tmp_path / "result.json", tmp_path / "store"
-    env = {**environment(tmp_path), "ROOT": ROOT}
-    procs = [subprocess.Popen([sys.executable, str(script), str(result), str(store), str(rank)],
-                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
-    r = json.load(open(result))
+    r = two_processes(EVAL_SCRIPT, tmp_path)
     assert r["logits"] is True
     assert r["lm"][0] == r["lm"][1] and r["instructions"][0] == r["instructions"][1], r
 
@@ -289,16 +294,7 @@ os._exit(0)
 def test_fsdp_process_holds_what_the_memory_estimate_says(tmp_path):
     """Each of 2 FSDP2 processes holds 16/2 bytes a parameter of weights, gradients and AdamW
     moments (measured on the tensors it keeps), as minillm.memory's estimate says."""
-    script = tmp_path / "memory.py"
-    script.write_text(MEMORY_SCRIPT)
-    result, store = tmp_path / "result.json", tmp_path / "store"
-    env = {**environment(tmp_path), "ROOT": ROOT}
-    procs = [subprocess.Popen([sys.executable, str(script), str(result), str(store), str(rank)],
-                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
-    r = json.load(open(result))
+    r = two_processes(MEMORY_SCRIPT, tmp_path)
     n, expected = r["parameters"], r["estimate"]
     for held in r["held"]:
         assert abs(held - expected) <= 0.02 * expected, r  # shards of odd-sized rows are padded by a row or so
