@@ -575,14 +575,7 @@ def main(argv=None) -> int:
     opts["max_steps"] = opts["max_steps"] or max(1, math.ceil(args.epochs * steps_per_epoch))
     opts["warmup_steps"] = opts["warmup_steps"] if opts["warmup_steps"] is not None else min(100, int(0.06 * opts["max_steps"]))
     s = TrainSettings.from_options(opts)
-    model.to(device)
-    probe = s.dtype == "auto" and not s.compile and world == 1 and not s.fsdp
-    s.dtype = resolve_dtype(s.dtype, device, probe_step(model, task) if probe else None, log)
-    if world > 1 and freeze_unused(model, task):
-        method += " (weights the task never reaches frozen: DDP wants a gradient for every weight)"
-    if s.fsdp:  # FSDP2: each process keeps 1/world of the weights, gradients and moments
-        model = shard_model(model, device, s.dtype)
-    model.gradient_checkpointing = s.activation_checkpointing
+    model, method = place_model(model, task, method, s, device, world, log)
     optimizer = make_optimizer(model, s)
     scaler = torch.amp.GradScaler(device.type, enabled=s.dtype == "float16")
 
@@ -596,20 +589,11 @@ def main(argv=None) -> int:
         log(f"note: {args.out} held an earlier run; it is kept in {keep_previous(args.out)}")
     run = RunDir(args.out, rank == 0)
     run.start(state.step if args.resume else None)
-    finetuned = {"init": os.path.abspath(args.init), "task": args.task, "method": args.method, "merged": False,
-                 "freeze_layers": args.freeze_layers, "lora": lora_settings(args, opts), **task.record}
-    extra = {"task": args.task, "finetune": finetuned, **({"labels": task.labels.names} if task.labels else {}),
-             "train": {**{k: v for k, v in opts.items() if isinstance(v, (int, float, str, bool, type(None)))},
-                       "dtype": s.dtype}}
+    extra = run_record(args, opts, task, s)
     save = functools.partial(save_training, args.out, model, optimizer, scaler, state, s, task.batches,
                              config=model.config, tokenizer=tokenizer, extra=extra,  # every process calls it; rank 0 writes
                              tensors=functools.partial(lora_state_dict, model) if args.method == "lora" else None)
-    c = model.config
-    log(f"{c.arch.upper()} from {args.init}: {c.n_layer} layers, width {c.n_embd}, {c.n_head} heads | {method}")
-    log(f"{args.task}: {task.describe} | batch {s.batch_size}x{s.grad_accum}"
-        + (f"x{world} processes" + (" (FSDP2)" if s.fsdp else " (DDP)") if world > 1 else "")
-        + f", lr {s.lr:g}, {s.max_steps:,} steps max" + (f", {s.time_budget:g}s budget" if s.time_budget else "")
-        + f" | {device}, {s.dtype}" + (", compiled" if s.compile else ""))
+    announce(args, model.config, task, method, s, device, world, log)
 
     wall0 = time.perf_counter()
     try:
@@ -633,6 +617,38 @@ def main(argv=None) -> int:
         report(args, summary, task, run.finish(summary))
     finish_distributed()
     return 0
+
+
+def place_model(model, task: Task, method: str, s: TrainSettings, device, world: int, log):
+    """The model on its device in the run's dtype (--dtype auto resolved, on the CPU by a timed
+    step); under torchrun the weights the task never reaches frozen; under --fsdp sharded over
+    the processes. Returns it and the method's description."""
+    model.to(device)
+    probe = s.dtype == "auto" and not s.compile and world == 1 and not s.fsdp
+    s.dtype = resolve_dtype(s.dtype, device, probe_step(model, task) if probe else None, log)
+    if world > 1 and freeze_unused(model, task):
+        method += " (weights the task never reaches frozen: DDP wants a gradient for every weight)"
+    if s.fsdp:  # FSDP2: each process keeps 1/world of the weights, gradients and moments
+        model = shard_model(model, device, s.dtype)
+    model.gradient_checkpointing = s.activation_checkpointing
+    return model, method
+
+
+def run_record(args, opts, task: Task, s: TrainSettings) -> dict:
+    """What the checkpoint's config.json keeps about the run besides the model."""
+    finetuned = {"init": os.path.abspath(args.init), "task": args.task, "method": args.method, "merged": False,
+                 "freeze_layers": args.freeze_layers, "lora": lora_settings(args, opts), **task.record}
+    return {"task": args.task, "finetune": finetuned, **({"labels": task.labels.names} if task.labels else {}),
+            "train": {**{k: v for k, v in opts.items() if isinstance(v, (int, float, str, bool, type(None)))},
+                      "dtype": s.dtype}}
+
+
+def announce(args, c, task: Task, method: str, s: TrainSettings, device, world: int, log) -> None:
+    log(f"{c.arch.upper()} from {args.init}: {c.n_layer} layers, width {c.n_embd}, {c.n_head} heads | {method}")
+    log(f"{args.task}: {task.describe} | batch {s.batch_size}x{s.grad_accum}"
+        + (f"x{world} processes" + (" (FSDP2)" if s.fsdp else " (DDP)") if world > 1 else "")
+        + f", lr {s.lr:g}, {s.max_steps:,} steps max" + (f", {s.time_budget:g}s budget" if s.time_budget else "")
+        + f" | {device}, {s.dtype}" + (", compiled" if s.compile else ""))
 
 
 def rebuild(config, args, opts):

@@ -210,6 +210,32 @@ def train(model, data: LMData, optimizer, scaler, state: TrainState, s: TrainSet
     bar.close()
 
 
+def prepare_data(args, opts, saved, s: TrainSettings, device, rank: int, world: int):
+    """The corpus tokenised (cached), the model config for its tokenizer, and the batches:
+    (tokenizer, config, LMData, the corpus key a resumed run must match)."""
+    docs = read_corpus(opts["data"])
+    tokenizer = load_tokenizer(saved["path"]) if args.resume else make_tokenizer(opts["tokenizer"], docs, opts["vocab_size"])
+    data_key = corpus_key(docs, tokenizer)
+    if args.resume and saved["train"].get("data_key") not in (None, data_key):
+        raise ValueError(f"--resume: the corpus {opts['data'] or '(Python docs)'} is not the one {args.out} was trained on")
+    config = model_config(opts, tokenizer, saved, args.resume, args.out)
+    check_vocab(tokenizer, config.vocab_size)
+    check_memory(config, s.batch_size, config.block_size, device, processes=world, fsdp=s.fsdp, dtype=s.dtype)
+    train_tokens, val_tokens = split(tokenize_corpus(docs, tokenizer), opts["val_fraction"], config.block_size)
+    data = LMData(train_tokens, val_tokens, config.block_size, s.batch_size, s.seed, device,
+                  mask_with=tokenizer if config.arch == "bert" else None, rank=rank, world=world)
+    return tokenizer, config, data, data_key
+
+
+def place_model(model, data: LMData, s: TrainSettings, device, world: int, log):
+    """The model on its device in the run's dtype (--dtype auto resolved, on the CPU by a timed
+    step), or under --fsdp sharded over the processes (each keeps 1/world)."""
+    model.gradient_checkpointing = s.activation_checkpointing
+    probe = s.dtype == "auto" and world == 1 and not s.fsdp
+    s.dtype = resolve_dtype(s.dtype, device, probe_step(model.to(device), data) if probe else None, log)
+    return shard_model(model, device, s.dtype) if s.fsdp else model.to(device)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     rank, world, device = setup_distributed(args.device or "auto")
@@ -225,24 +251,11 @@ def main(argv=None) -> int:
     seed_everything(s.seed)
 
     # -- data ------------------------------------------------------------------------------------
-    docs = read_corpus(opts["data"])
-    tokenizer = load_tokenizer(saved["path"]) if args.resume else make_tokenizer(opts["tokenizer"], docs, opts["vocab_size"])
-    data_key = corpus_key(docs, tokenizer)
-    if args.resume and saved["train"].get("data_key") not in (None, data_key):
-        raise ValueError(f"--resume: the corpus {opts['data'] or '(Python docs)'} is not the one {args.out} was trained on")
-    config = model_config(opts, tokenizer, saved, args.resume, args.out)
-    check_vocab(tokenizer, config.vocab_size)
-    check_memory(config, s.batch_size, config.block_size, device, processes=world, fsdp=s.fsdp, dtype=s.dtype)
-    train_tokens, val_tokens = split(tokenize_corpus(docs, tokenizer), opts["val_fraction"], config.block_size)
-    data = LMData(train_tokens, val_tokens, config.block_size, s.batch_size, s.seed, device,
-                  mask_with=tokenizer if config.arch == "bert" else None, rank=rank, world=world)
+    tokenizer, config, data, data_key = prepare_data(args, opts, saved, s, device, rank, world)
+    train_tokens, val_tokens = data.train, data.val
 
     # -- model and optimizer ---------------------------------------------------------------------
-    model = build_model(config)
-    model.gradient_checkpointing = s.activation_checkpointing
-    probe = s.dtype == "auto" and world == 1 and not s.fsdp
-    s.dtype = resolve_dtype(s.dtype, device, probe_step(model.to(device), data) if probe else None, log)
-    model = shard_model(model, device, s.dtype) if s.fsdp else model.to(device)  # FSDP2: each process keeps 1/world
+    model = place_model(build_model(config), data, s, device, world, log)
     optimizer = make_optimizer(model, s)
     scaler = torch.amp.GradScaler(device.type, enabled=s.dtype == "float16")
     state = TrainState()

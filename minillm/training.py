@@ -247,7 +247,7 @@ def save_training(out: str, model, optimizer, scaler, state: TrainState, setting
     tmp = broadcast_object(ckpt_io.begin_save(out) if rank == 0 else None) if sharded else None
     if sharded:
         save_sharded(os.path.join(tmp, "sharded"), model, optimizer)
-    weights = full_weights(model)  # under FSDP gathered onto rank 0
+    weights = full_weights(model) if sharded or rank == 0 else None  # under FSDP a collective, gathered onto rank 0
     path = os.path.join(out, ckpt_io.CKPT)
     if rank == 0:
         trainer_state = {
