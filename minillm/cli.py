@@ -14,6 +14,7 @@ from dataclasses import fields
 from typing import Callable, Optional
 
 from .device import DTYPES
+from .distributed import exit_process
 from .training import TrainSettings
 
 
@@ -123,14 +124,15 @@ def given_training_flags(args: argparse.Namespace) -> dict:
 def run_main(main: Callable[[], int], prog: str) -> None:
     """Run a script's main(); turn expected failures into one line on stderr and an exit code."""
     try:
-        sys.exit(main())
+        code = main()
     except ValueError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except OSError as e:  # an unwritable --out, a full disk: the previous checkpoint is intact
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         print(f"{prog}: error: {e.strerror or e}{where}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
+        code = 130
+    exit_process(code)
