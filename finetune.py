@@ -61,12 +61,14 @@ from minillm.lora import DEFAULT_TARGETS, apply_lora, count_trainable, lora_stat
 from minillm.model import build_model
 from minillm.memory import check_memory
 from minillm.metrics import classification_report, format_confusion
+from minillm.preference import DPO_VARIANTS, dpo_loss, entropy, policy_loss, token_logprobs
 from minillm.pretrained import load_pretrained
 from minillm.quantize import quantize_int8, quantized_tensors
+from minillm.rl import REWARD_KINDS, Reference, RewardModel, Rollouts, evaluate_policy, read_prompts, stop_token
 from minillm.run_dir import RunDir, existing_run, keep_previous, lock, refuse_clash
 from minillm.tokenizer import check_vocab, load_tokenizer
 from minillm.training import (
-    Meter, ProgressBar, TrainingStopped, TrainSettings, TrainState, clip_gradients, count_targets, lr_at,
+    Meter, ProgressBar, Tally, TrainingStopped, TrainSettings, TrainState, clip_gradients, count_targets, lr_at,
     make_optimizer, resume_training, save_training, set_lr, skip_step, sync_step, token_share,
 )
 
@@ -77,17 +79,22 @@ DEFAULT_LR = {"full": 5e-5, "lora": 5e-4, "head": 1e-3}  # when --lr is not give
 FINETUNE_DEFAULTS = dict(batch_size=32, min_lr_ratio=0.0, weight_decay=0.01, beta2=0.999, eval_interval=200,
                          max_steps="--epochs", warmup_steps="6% of the steps", lr=DEFAULT_LR)
 TEXT_COLUMNS = ("text", "sentence", "sentence1")  # tried in turn when --text-col is not given
+TASKS = ("classify", "lm", "dpo", "rl")
+RL_BATCH_SIZE = 8  # --task rl: prompts per step when --batch-size is not given (x --group-size completions)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--init", required=True, help="minillm checkpoint, or Hugging Face GPT-2/BERT directory, to start from")
-    a("--task", choices=["classify", "lm"], default="classify")
+    a("--task", choices=TASKS, default="classify",
+      help="classify; lm (text, or prompt/response JSONL); dpo (prompt/chosen/rejected JSONL); rl (--prompts, --reward)")
     a("--tokenizer", help="tokenizer file or folder (default: the one beside --init)")
     g = p.add_argument_group("data")
-    g.add_argument("--train", required=True, help="classify: TSV/CSV/JSONL; lm: text file or folder, or prompt/response JSONL")
-    g.add_argument("--eval", help="evaluation file in the same form (lm without it: the last 10%% of --train)")
+    g.add_argument("--train", help="classify: TSV/CSV/JSONL; lm: text file or folder, or prompt/response JSONL; "
+                                    "dpo: prompt/chosen/rejected JSONL")
+    g.add_argument("--eval", help="evaluation file in the same form (lm without it: the last 10%% of --train; "
+                                  "rl: held-out prompts)")
     g.add_argument("--format", choices=["tsv", "csv", "jsonl"], help="table format when the extension does not say")
     g.add_argument("--text-col", help=f"text column (default: the first of {', '.join(TEXT_COLUMNS)} the file has)")
     g.add_argument("--text-pair-col", help="second text column, for sentence pairs")
@@ -97,6 +104,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-len", type=positive_int, default=128, help="tokens per example, longer ones are cut (default: 128)")
     add_bool(g, "--bucket", "batch examples of similar length, less padding (default: true)")
     g.add_argument("--eval-batch-size", type=positive_int, default=128, help="examples per evaluation batch (default: 128)")
+    g = p.add_argument_group("preferences (--task dpo) and rewards (--task rl)")
+    g.add_argument("--chosen-col", default="chosen", help="dpo: the preferred response's field")
+    g.add_argument("--rejected-col", default="rejected", help="dpo: the dispreferred response's field")
+    g.add_argument("--dpo-beta", type=float, default=0.1, help="dpo: how far from the reference (default: 0.1)")
+    g.add_argument("--dpo-variant", choices=DPO_VARIANTS, default="dpo", help="dpo: the sigmoid loss, or IPO's squared one")
+    g.add_argument("--dpo-label-smoothing", type=float, default=0.0,
+                   help="dpo: conservative DPO, the share of pairs assumed mislabelled (default: 0)")
+    g.add_argument("--prompts", help="rl: prompts, one a line (an empty line: the completion starts the text)")
+    g.add_argument("--reward", metavar="DIR", help="rl: a classifier checkpoint (finetune.py's or Hugging Face) as reward")
+    g.add_argument("--reward-label", help="rl: the label whose probability is the reward (default: the last)")
+    g.add_argument("--reward-kind", choices=REWARD_KINDS, default="prob", help="rl: the probability or its log-odds")
+    g.add_argument("--group-size", type=positive_int, default=8, help="rl: completions sampled per prompt (default: 8)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=24, help="rl: tokens per completion at most (default: 24)")
+    g.add_argument("--temperature", type=float, default=1.0, help="rl: sampling temperature (default: 1)")
+    g.add_argument("--top-k", type=positive_int, help="rl: sample from the k likeliest tokens only")
+    g.add_argument("--kl-coef", type=float, default=0.04, help="rl: weight of the KL penalty to the reference (default: 0.04)")
+    g.add_argument("--clip", type=float, default=0.2, help="rl: the policy ratio's clip range (default: 0.2)")
+    g.add_argument("--rl-updates", type=positive_int, default=1, help="rl: optimizer steps on each rollout (default: 1)")
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=["full", "lora", "head"], default="full")
     g.add_argument("--lora-rank", type=positive_int, default=8)
@@ -122,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(args) -> dict:
     """Flags over finetuning's defaults; refuses bad combinations."""
     opts = {**vars(TrainSettings()), **{k: v for k, v in FINETUNE_DEFAULTS.items() if not isinstance(v, (str, dict))},
-            "lr": DEFAULT_LR[args.method], "max_steps": None, "warmup_steps": None, **given_training_flags(args)}
+            "lr": DEFAULT_LR[args.method], "max_steps": None, "warmup_steps": None,
+            **({"batch_size": RL_BATCH_SIZE} if args.task == "rl" else {}), **given_training_flags(args)}
     checks = [
         (args.method != "head" or args.task == "classify", "--method head needs --task classify"),
         (not args.merge or args.method == "lora", "--merge folds LoRA adapters: it needs --method lora"),
@@ -132,6 +158,15 @@ def resolve(args) -> dict:
         (args.dropout is None or 0.0 <= args.dropout < 1.0, f"--dropout must be in [0, 1), got {args.dropout}"),
         (args.epochs > 0 and math.isfinite(args.epochs), f"--epochs must be positive, got {args.epochs}"),
         (args.task == "classify" or args.class_weights == "none", "--class-weights needs --task classify"),
+        (args.task == "rl" or args.train, f"--task {args.task} needs --train"),
+        (args.task != "rl" or (args.prompts and args.reward), "--task rl needs --prompts and --reward"),
+        (args.task not in ("dpo", "rl") or not opts["fsdp"], f"--task {args.task} does not run under --fsdp (DDP does)"),
+        (args.dpo_beta > 0 and math.isfinite(args.dpo_beta), f"--dpo-beta must be positive, got {args.dpo_beta}"),
+        (0.0 <= args.dpo_label_smoothing < 0.5, f"--dpo-label-smoothing must be in [0, 0.5), got {args.dpo_label_smoothing}"),
+        (0.0 <= args.temperature < math.inf, f"--temperature must be >= 0, got {args.temperature}"),
+        (args.kl_coef >= 0 and math.isfinite(args.kl_coef), f"--kl-coef must be >= 0, got {args.kl_coef}"),
+        (args.clip > 0 and math.isfinite(args.clip), f"--clip must be positive, got {args.clip}"),
+        (args.task != "rl" or args.group_size >= 2, "--group-size must be >= 2: advantages compare a prompt's completions"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -164,6 +199,7 @@ class Task:
     describe: str
     record: dict  # what the checkpoint's config.json keeps about the data
     labels: Optional[LabelMap] = None
+    stats: Optional[Tally] = None  # what the loss and the batches measure, logged as train_<name> means
 
 
 class PaddedBatches:
@@ -310,6 +346,136 @@ def evaluate_instructions(model, val, pad, batch_size, device, split=True) -> di
     return {"eval_loss": total / n, "eval_ppl": math.exp(min(total / n, 50))}
 
 
+def pair_batch(pairs, idx, pad, device):
+    """The chosen responses of pairs `idx`, then their rejected ones: (ids, targets) (2B, T)."""
+    seqs = [pairs[i][0] for i in idx] + [pairs[i][1] for i in idx]
+    ids, targets, _ = collate(seqs, range(len(seqs)), pad, pad_second=-100)
+    return to_device(ids, device), to_device(targets, device)
+
+
+@torch.no_grad()
+def pair_logprobs(model, pairs, pad, batch_size, device, split=True) -> torch.Tensor:
+    """(N, 2) float32: each pair's chosen and rejected response log-probabilities, on the CPU.
+    `split`: each process runs its share of the batches and the rows are gathered."""
+    starts = range(0, len(pairs), batch_size)
+    out = torch.zeros(len(pairs), 2, device=device)
+    for b, keep in my_batches(len(starts)) if split else [(b, True) for b in range(len(starts))]:
+        idx = list(range(starts[b], min(starts[b] + batch_size, len(pairs))))
+        ids, targets = pair_batch(pairs, idx, pad, device)
+        logp = token_logprobs(model(ids)[0], targets).sum(dim=-1)
+        if keep:
+            out[idx] = torch.stack([logp[: len(idx)], logp[len(idx):]], dim=1)
+    return (all_reduce_sum(out) if split else out).cpu()
+
+
+class PairBatches:
+    """Batches of preference pairs of similar length: (ids, targets, reference log-probs (B, 2),
+    one zero per pair: what the loop counts)."""
+
+    def __init__(self, pairs, ref, batch_size, seed, bucket, pad_id, device):
+        world = rank_world()[1]
+        lengths = [max(len(c[0]), len(r[0])) for c, r in pairs]
+        self.order = LengthBatches(lengths, batch_size * world, seed, bucket=bucket, min_size=world)
+        self.pairs, self.ref, self.pad_id, self.device = pairs, ref, pad_id, device
+        self.state, self.load_state = self.order.state, self.order.load_state
+
+    def next(self):
+        idx = my_part(self.order.next())
+        ids, targets = pair_batch(self.pairs, idx, self.pad_id, self.device)
+        return ids, targets, to_device(self.ref[idx], self.device), torch.zeros(len(idx), device=self.device)
+
+
+def dpo_task(args, opts, model, tokenizer, device) -> Task:
+    """Direct Preference Optimization on prompt/chosen/rejected JSONL. The reference is the
+    starting model: its log-probabilities of every pair are computed once, before training
+    (no second model in memory, whatever the method)."""
+    if model.config.arch != "gpt":
+        raise ValueError("--task dpo needs a GPT (the log-probability of a response)")
+    block = min(args.max_len, model.config.block_size)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+
+    def read_pairs(path):
+        table = read_table(path, "jsonl")
+        encode = functools.partial(encode_instructions, tokenizer, table, block, args.prompt_col)
+        return list(zip(encode(args.chosen_col), encode(args.rejected_col)))
+
+    train, val = read_pairs(args.train), (read_pairs(args.eval) if args.eval else [])
+    model.to(device)
+    with evaluating(model, device, "float32"):  # the starting weights: the reference
+        ref_train = pair_logprobs(model, train, pad, args.eval_batch_size, device)
+        ref_val = pair_logprobs(model, val, pad, args.eval_batch_size, device) if val else None
+    stats, beta = Tally(), args.dpo_beta
+    dpo = functools.partial(dpo_loss, beta=beta, variant=args.dpo_variant, label_smoothing=args.dpo_label_smoothing)
+
+    def loss(forward, batch):
+        ids, targets, ref, per_pair = batch
+        logp, b = token_logprobs(forward(ids)[0], targets).sum(dim=-1), ref.shape[0]
+        mean, pair_stats = dpo(logp[:b], logp[b:], ref[:, 0], ref[:, 1])
+        stats.add(**pair_stats)
+        return mean, per_pair
+
+    def evaluate(m, on=None, split=True):
+        pol = pair_logprobs(m, val, pad, args.eval_batch_size, on or device, split)
+        mean, pair_stats = dpo(pol[:, 0], pol[:, 1], ref_val[:, 0], ref_val[:, 1])
+        return {"eval_loss": mean.item(), **{f"eval_{k}": v.mean().item() for k, v in pair_stats.items()}}
+
+    describe = (f"{len(train):,} train / {len(val):,} eval preference pairs, {args.dpo_variant.upper()} beta {beta:g}"
+                + (f", label smoothing {args.dpo_label_smoothing:g}" if args.dpo_label_smoothing else "")
+                + ", reference log-probabilities of the starting weights")
+    record = {"max_len": block, "prompt_col": args.prompt_col, "chosen_col": args.chosen_col,
+              "rejected_col": args.rejected_col, "dpo_beta": beta, "dpo_variant": args.dpo_variant,
+              "dpo_label_smoothing": args.dpo_label_smoothing}
+    batches = PairBatches(train, ref_train, opts["batch_size"], opts["seed"], args.bucket is not False, pad, device)
+    return Task(batches, model, loss, evaluate if val else None, "ex", len(train), describe, record, stats=stats)
+
+
+def rl_task(args, opts, model, tokenizer, device) -> Task:
+    """Policy gradient against a reward model, GRPO's way: a group of completions per prompt,
+    rewards standardised within the group, the clipped objective and a KL penalty to the
+    reference (the starting model: LoRA's base with the adapters off, else a frozen copy)."""
+    c = model.config
+    if c.arch != "gpt":
+        raise ValueError("--task rl needs a GPT (it samples completions)")
+    room = c.block_size - args.max_new_tokens
+    if room < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of {c.block_size}")
+    stop = stop_token(tokenizer)
+    prompts = read_prompts(args.prompts, tokenizer, room, stop)[1]
+    val = read_prompts(args.eval, tokenizer, room, stop)[1] if args.eval else []
+    reward = RewardModel(args.reward, args.reward_label, args.reward_kind, device, args.eval_batch_size)
+    reference, stats = Reference(model, lora=args.method == "lora"), Tally()
+    sampling = dict(max_new=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
+
+    def loss(forward, batch):
+        ids, targets, advantages, memo, _ = batch
+        logits = forward(ids)[0]
+        logp, mask = token_logprobs(logits, targets), targets != -100
+        if "old" not in memo:  # the rollout's first update: the policy that sampled it
+            memo["old"], memo["ref"] = logp.detach(), reference(ids, targets)
+        mean, token_stats = policy_loss(logp, memo["old"], memo["ref"], advantages, mask, args.clip, args.kl_coef)
+        stats.add(**token_stats, entropy=entropy(logits, mask))
+        return mean, targets
+
+    def evaluate(m, on=None, split=True):  # every process samples all of it, with the same seed
+        return evaluate_policy(m, val, reward, tokenizer, reference, seed=opts["seed"], batch_size=args.eval_batch_size,
+                               **sampling)
+
+    describe = (f"{len(prompts):,} train / {len(val):,} eval prompts, {args.group_size} completions each "
+                f"(<= {args.max_new_tokens} tokens, temperature {args.temperature:g}), reward: p({reward.label})"
+                + (" log-odds" if args.reward_kind == "logodds" else "") + f" from {args.reward}, "
+                f"KL coef {args.kl_coef:g}, clip {args.clip:g}, {args.rl_updates} update(s) a rollout")
+    record = {"max_len": c.block_size, "reward": os.path.abspath(args.reward), "reward_label": reward.label,
+              "reward_kind": args.reward_kind, "group_size": args.group_size, "max_new_tokens": args.max_new_tokens,
+              "temperature": args.temperature, "top_k": args.top_k, "kl_coef": args.kl_coef, "clip": args.clip,
+              "rl_updates": args.rl_updates}
+    batches = Rollouts(model, prompts, reward, tokenizer, stats, group=args.group_size, prompts_per_step=opts["batch_size"],
+                       updates=args.rl_updates, micro=opts["grad_accum"], seed=opts["seed"], device=device, **sampling)
+    return Task(batches, model, loss, evaluate if val else None, "ex", len(prompts), describe, record, stats=stats)
+
+
+TASK_BUILDERS = {"lm": lm_task, "dpo": dpo_task, "rl": rl_task}
+
+
 # -- methods: what trains -------------------------------------------------------------------------
 
 
@@ -383,6 +549,8 @@ def finetune(model, task: Task, optimizer, scaler, state: TrainState, s: TrainSe
     forward = torch.compile(ddp, dynamic=True) if s.compile else ddp
     syncs = model if is_sharded(model) else ddp  # what holds the gradient reduction: FSDP2's model, or DDP
     model.train()
+    if task.stats is not None:
+        task.stats.clear()  # what the probes before the loop measured
     while not state.done(s):
         t0 = time.perf_counter()
         lr = set_lr(optimizer, lr_at(state.progress(s), state.step, s))
@@ -409,7 +577,8 @@ def finetune(model, task: Task, optimizer, scaler, state: TrainState, s: TrainSe
         bar.update(state, loss, meter, task.unit)
         evaluating = bool(s.eval_interval) and state.step % s.eval_interval == 0 and not state.done(s)
         if evaluating or state.step % s.log_interval == 0 or state.done(s):
-            row = {**meter.row(state, loss, lr, task.unit), **(run_eval(model, task, s, device) if evaluating else {})}
+            row = {**meter.row(state, loss, lr, task.unit), **train_stats(task, device),
+                   **(run_eval(model, task, s, device) if evaluating else {})}
             run.log(row)
             if evaluating and task.evaluate is not None:
                 bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("eval_")
@@ -417,6 +586,10 @@ def finetune(model, task: Task, optimizer, scaler, state: TrainState, s: TrainSe
         if state.checkpoint_due(s, evaluating):
             save()
     bar.close()
+
+
+def train_stats(task: Task, device) -> dict:
+    return {f"train_{k}": v for k, v in task.stats.pop(device).items()} if task.stats is not None else {}
 
 
 def run_eval(model, task: Task, s: TrainSettings, device) -> dict:
@@ -488,13 +661,19 @@ def deliver(args, model, task, tokenizer, extra, init_info, summary) -> None:
         summary["quantized"] = write_quantized(model, args.out, config, tokenizer, merged, task.evaluate)
 
 
-def report(args, summary, task, plot) -> None:
+def report(args, summary, task, plot, model_arch) -> None:
     unit, rate = task.unit, summary.get(f"{task.unit}_per_s") or 0
     line = (f"done: {summary['steps']} steps in {summary['train_seconds']:.0f}s of training "
             f"({summary['wall_seconds']:.0f}s wall), {rate:,.1f} {unit}/s")
     if "eval_accuracy" in summary:
         line += (f" | eval accuracy {summary['eval_accuracy']:.4f}, macro F1 {summary['eval_f1']:.4f} "
                  f"(precision {summary['eval_precision']:.4f}, recall {summary['eval_recall']:.4f})")
+    elif "eval_reward_accuracy" in summary:
+        line += (f" | eval loss {summary['eval_loss']:.4f}, reward accuracy {summary['eval_reward_accuracy']:.4f}, "
+                 f"margin {summary['eval_reward_margin']:.4f}")
+    elif "eval_positive" in summary:
+        line += (f" | eval: share called {summary['reward_label']} {summary['eval_positive']:.4f}, reward "
+                 f"{summary['eval_reward']:.4f}, KL {summary['eval_kl']:.3f}, distinct-2 {summary['eval_distinct2']:.3f}")
     elif "eval_loss" in summary:
         line += f" | eval loss {summary['eval_loss']:.4f}, perplexity {summary['eval_ppl']:.2f}"
     print(line)
@@ -511,6 +690,8 @@ def report(args, summary, task, plot) -> None:
           + (f", {args.export_hf}" if args.export_hf else ""))
     if args.task == "classify":
         print(f"predict: python -m minillm.predict --ckpt {args.out} --text \"...\"")
+    elif model_arch == "gpt":
+        print(f"generate: python -m minillm.generate --ckpt {args.out} --prompt \"...\"")
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -567,7 +748,7 @@ def main(argv=None) -> int:
 
     # -- data, head, method
     task = (classification_task(args, opts, model, tokenizer, device, saved if args.resume else None)
-            if args.task == "classify" else lm_task(args, opts, model, tokenizer, device))
+            if args.task == "classify" else TASK_BUILDERS[args.task](args, opts, model, tokenizer, device))
     if args.export_hf:  # refuse before training what could not be exported after it
         config_to_hf(model.config)
     method = apply_method(model, args, opts)
@@ -604,7 +785,7 @@ def main(argv=None) -> int:
     final = run_eval(model, task, s, device)
     run.log({"step": state.step, **final})
     trainable, total = count_trainable(model)
-    summary = {"steps": state.step, "train_seconds": round(state.elapsed, 2), "wall_seconds": round(time.perf_counter() - wall0, 2),
+    summary = {**({"reward_label": task.record["reward_label"]} if args.task == "rl" else {}), "steps": state.step, "train_seconds": round(state.elapsed, 2), "wall_seconds": round(time.perf_counter() - wall0, 2),
                "compile_seconds": round(state.compile_seconds, 2), f"{task.unit}_per_s": run.median(f"{task.unit}_per_s"),
                "skipped_steps": state.skips, "checkpoint": save(), **final, "task": args.task, "method": args.method,
                "init": args.init, "dtype": s.dtype, "batch_size": s.batch_size, "world_size": world, "fsdp": s.fsdp,
@@ -614,7 +795,7 @@ def main(argv=None) -> int:
     whole = whole_model(model, lambda: rebuild(model.config, args, opts))
     if rank == 0:
         deliver(args, whole, task, tokenizer, extra, init_info, summary)
-        report(args, summary, task, run.finish(summary))
+        report(args, summary, task, run.finish(summary), whole.config.arch)
     finish_distributed()
     return 0
 

@@ -86,14 +86,14 @@ class GPT(Transformer):
         cache = self.new_kv_cache(idx.shape[0])
         logits, _ = self(idx[:, -block:], kv_cache=cache)  # a longer prompt is seen through its last window
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 nxt = torch.where(done[:, None], torch.full_like(nxt, eos_token_id), nxt)
                 done |= nxt[:, 0] == eos_token_id
             idx = torch.cat([idx, nxt], dim=1)
-            if eos_token_id is not None and bool(done.all()):
-                break
+            if (eos_token_id is not None and bool(done.all())) or i == max_new_tokens - 1:
+                break  # (no forward for a token that will not be sampled)
             if cache.pos < block:
                 logits, _ = self(nxt, kv_cache=cache)
             else:  # context full: recompute over the last block_size tokens

@@ -370,3 +370,31 @@ class ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class Tally:
+    """Means of per-item statistics (rewards, margins, ...) since the last `pop`, over all
+    processes: the loop logs them with its rows. Sums stay on the device until `pop` (every
+    process pops at the same steps, with the same names)."""
+
+    def __init__(self):
+        self.sums: dict[str, list] = {}
+
+    def add(self, **values: torch.Tensor) -> None:
+        for k, v in values.items():
+            v = v.detach().float().reshape(-1)
+            s = self.sums.setdefault(k, [0.0, 0])
+            s[0], s[1] = s[0] + v.sum(), s[1] + v.numel()
+
+    def clear(self) -> None:
+        self.sums = {}
+
+    def pop(self, device=None) -> dict:
+        names = sorted(self.sums)
+        if not names:
+            return {}
+        t = torch.tensor([[float(self.sums[k][0]), float(self.sums[k][1])] for k in names], dtype=torch.float64,
+                         device=device)
+        t = all_reduce_sum(t)
+        self.sums = {}
+        return {k: (t[i, 0] / t[i, 1]).item() for i, k in enumerate(names) if t[i, 1] > 0}
