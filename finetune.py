@@ -14,6 +14,11 @@
     python finetune.py --init out/default --task lm --train notes.txt --out out/notes
     python finetune.py --init gpt2-dir --task lm --train pairs.jsonl --out out/sft   # {"prompt", "response"}
 
+    # preferences and rewards (a GPT): DPO on {"prompt", "chosen", "rejected"} JSONL, or GRPO-style
+    # policy gradient against a classifier's probability of a label (README: "Preferences and rewards")
+    python finetune.py --init out/writer --task dpo --train pairs.jsonl --dpo-beta 0.1 --out out/dpo
+    python finetune.py --init out/writer --task rl --prompts prompts.txt --reward out/sst2 --reward-label 1 --out out/rl
+
     # any of these on several processes or GPUs: DDP, or FSDP2 with --fsdp (README: "Several GPUs")
     torchrun --nproc_per_node=4 finetune.py --init $MINILM --train ... --batch-size 8 --out out/sst2-ddp
 
@@ -61,10 +66,10 @@ from minillm.lora import DEFAULT_TARGETS, apply_lora, count_trainable, lora_stat
 from minillm.model import build_model
 from minillm.memory import check_memory
 from minillm.metrics import classification_report, format_confusion
-from minillm.preference import DPO_VARIANTS, dpo_loss, entropy, policy_loss, token_logprobs
+from minillm.preference import DPO_VARIANTS, dpo_loss, entropy, policy_loss, response_nll, token_logprobs
 from minillm.pretrained import load_pretrained
 from minillm.quantize import quantize_int8, quantized_tensors
-from minillm.rl import REWARD_KINDS, Reference, RewardModel, Rollouts, evaluate_policy, read_prompts, stop_token
+from minillm.rl import REWARD_KINDS, Reference, RewardModel, Rollouts, evaluate_policy, load_reward, read_prompts, stop_token
 from minillm.run_dir import RunDir, existing_run, keep_previous, lock, refuse_clash
 from minillm.tokenizer import check_vocab, load_tokenizer
 from minillm.training import (
@@ -111,8 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dpo-variant", choices=DPO_VARIANTS, default="dpo", help="dpo: the sigmoid loss, or IPO's squared one")
     g.add_argument("--dpo-label-smoothing", type=float, default=0.0,
                    help="dpo: conservative DPO, the share of pairs assumed mislabelled (default: 0)")
+    g.add_argument("--dpo-nll", type=float, default=0.0, metavar="ALPHA",
+                   help="dpo: add ALPHA x the chosen response's NLL per token (RPO), to keep its likelihood up (default: 0)")
+    g.add_argument("--reference", metavar="DIR",
+                   help="dpo: the reference model, a checkpoint of the same tokenizer (default: --init, the starting "
+                        "weights); e.g. the first model of online DPO rounds, to keep every round near it")
     g.add_argument("--prompts", help="rl: prompts, one a line (an empty line: the completion starts the text)")
-    g.add_argument("--reward", metavar="DIR", help="rl: a classifier checkpoint (finetune.py's or Hugging Face) as reward")
+    g.add_argument("--reward", metavar="DIR|FILE.py:NAME",
+                   help="rl: a classifier checkpoint (finetune.py's or Hugging Face), or a Python function "
+                        "NAME(prompts, completions) -> rewards")
     g.add_argument("--reward-label", help="rl: the label whose probability is the reward (default: the last)")
     g.add_argument("--reward-kind", choices=REWARD_KINDS, default="prob", help="rl: the probability or its log-odds")
     g.add_argument("--group-size", type=positive_int, default=8, help="rl: completions sampled per prompt (default: 8)")
@@ -122,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kl-coef", type=float, default=0.04, help="rl: weight of the KL penalty to the reference (default: 0.04)")
     g.add_argument("--clip", type=float, default=0.2, help="rl: the policy ratio's clip range (default: 0.2)")
     g.add_argument("--rl-updates", type=positive_int, default=1, help="rl: optimizer steps on each rollout (default: 1)")
+    g.add_argument("--scale-rewards", choices=["group", "none"], default="group",
+                   help="rl: advantages are rewards minus their group's mean, over its std (group: GRPO) or not "
+                        "(none: Dr. GRPO, pushes less where a group's rewards barely differ)")
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=["full", "lora", "head"], default="full")
     g.add_argument("--lora-rank", type=positive_int, default=8)
@@ -159,10 +174,12 @@ def resolve(args) -> dict:
         (args.epochs > 0 and math.isfinite(args.epochs), f"--epochs must be positive, got {args.epochs}"),
         (args.task == "classify" or args.class_weights == "none", "--class-weights needs --task classify"),
         (args.task == "rl" or args.train, f"--task {args.task} needs --train"),
+        (args.reference is None or args.task == "dpo", "--reference is the reference model of --task dpo"),
         (args.task != "rl" or (args.prompts and args.reward), "--task rl needs --prompts and --reward"),
         (args.task not in ("dpo", "rl") or not opts["fsdp"], f"--task {args.task} does not run under --fsdp (DDP does)"),
         (args.dpo_beta > 0 and math.isfinite(args.dpo_beta), f"--dpo-beta must be positive, got {args.dpo_beta}"),
         (0.0 <= args.dpo_label_smoothing < 0.5, f"--dpo-label-smoothing must be in [0, 0.5), got {args.dpo_label_smoothing}"),
+        (args.dpo_nll >= 0 and math.isfinite(args.dpo_nll), f"--dpo-nll must be >= 0, got {args.dpo_nll}"),
         (0.0 <= args.temperature < math.inf, f"--temperature must be >= 0, got {args.temperature}"),
         (args.kl_coef >= 0 and math.isfinite(args.kl_coef), f"--kl-coef must be >= 0, got {args.kl_coef}"),
         (args.clip > 0 and math.isfinite(args.clip), f"--clip must be positive, got {args.clip}"),
@@ -400,17 +417,22 @@ def dpo_task(args, opts, model, tokenizer, device) -> Task:
         return list(zip(encode(args.chosen_col), encode(args.rejected_col)))
 
     train, val = read_pairs(args.train), (read_pairs(args.eval) if args.eval else [])
-    model.to(device)
-    with evaluating(model, device, "float32"):  # the starting weights: the reference
-        ref_train = pair_logprobs(model, train, pad, args.eval_batch_size, device)
-        ref_val = pair_logprobs(model, val, pad, args.eval_batch_size, device) if val else None
+    reference = model.to(device) if args.reference is None else reference_model(args.reference, tokenizer, device)
+    with evaluating(reference, device, "float32"):  # the starting weights, unless --reference says otherwise
+        ref_train = pair_logprobs(reference, train, pad, args.eval_batch_size, device)
+        ref_val = pair_logprobs(reference, val, pad, args.eval_batch_size, device) if val else None
+    del reference
     stats, beta = Tally(), args.dpo_beta
     dpo = functools.partial(dpo_loss, beta=beta, variant=args.dpo_variant, label_smoothing=args.dpo_label_smoothing)
 
     def loss(forward, batch):
         ids, targets, ref, per_pair = batch
-        logp, b = token_logprobs(forward(ids)[0], targets).sum(dim=-1), ref.shape[0]
+        tokens, b = token_logprobs(forward(ids)[0], targets), ref.shape[0]
+        logp = tokens.sum(dim=-1)
         mean, pair_stats = dpo(logp[:b], logp[b:], ref[:, 0], ref[:, 1])
+        if args.dpo_nll:
+            nll = response_nll(tokens[:b], targets[:b])
+            mean, pair_stats["chosen_nll"] = mean + args.dpo_nll * nll.mean(), nll.detach()
         stats.add(**pair_stats)
         return mean, per_pair
 
@@ -421,12 +443,25 @@ def dpo_task(args, opts, model, tokenizer, device) -> Task:
 
     describe = (f"{len(train):,} train / {len(val):,} eval preference pairs, {args.dpo_variant.upper()} beta {beta:g}"
                 + (f", label smoothing {args.dpo_label_smoothing:g}" if args.dpo_label_smoothing else "")
-                + ", reference log-probabilities of the starting weights")
+                + (f", + {args.dpo_nll:g} x chosen NLL" if args.dpo_nll else "")
+                + f", reference log-probabilities of {args.reference or 'the starting weights'}")
     record = {"max_len": block, "prompt_col": args.prompt_col, "chosen_col": args.chosen_col,
               "rejected_col": args.rejected_col, "dpo_beta": beta, "dpo_variant": args.dpo_variant,
-              "dpo_label_smoothing": args.dpo_label_smoothing}
+              "dpo_label_smoothing": args.dpo_label_smoothing, "dpo_nll": args.dpo_nll,
+              "reference": os.path.abspath(args.reference) if args.reference else None}
     batches = PairBatches(train, ref_train, opts["batch_size"], opts["seed"], args.bucket is not False, pad, device)
     return Task(batches, model, loss, evaluate if val else None, "ex", len(train), describe, record, stats=stats)
+
+
+def reference_model(path, tokenizer, device):
+    """--reference: a GPT that reads the same token ids as the model being trained."""
+    model, ref_tokenizer, _ = load_pretrained(path)
+    if model.config.arch != "gpt":
+        raise ValueError(f"--reference {path}: holds a {model.config.arch.upper()}; DPO's reference is a GPT")
+    if ref_tokenizer is not None and ref_tokenizer.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"--reference {path}: its tokenizer has {ref_tokenizer.vocab_size:,} tokens, the model's "
+                         f"{tokenizer.vocab_size:,}; the reference must read the same token ids")
+    return model.to(device)
 
 
 def rl_task(args, opts, model, tokenizer, device) -> Task:
@@ -442,7 +477,7 @@ def rl_task(args, opts, model, tokenizer, device) -> Task:
     stop = stop_token(tokenizer)
     prompts = read_prompts(args.prompts, tokenizer, room, stop)[1]
     val = read_prompts(args.eval, tokenizer, room, stop)[1] if args.eval else []
-    reward = RewardModel(args.reward, args.reward_label, args.reward_kind, device, args.eval_batch_size)
+    reward = load_reward(args.reward, args.reward_label, args.reward_kind, device, args.eval_batch_size)
     reference, stats = Reference(model, lora=args.method == "lora"), Tally()
     sampling = dict(max_new=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
 
@@ -461,15 +496,18 @@ def rl_task(args, opts, model, tokenizer, device) -> Task:
                                **sampling)
 
     describe = (f"{len(prompts):,} train / {len(val):,} eval prompts, {args.group_size} completions each "
-                f"(<= {args.max_new_tokens} tokens, temperature {args.temperature:g}), reward: p({reward.label})"
-                + (" log-odds" if args.reward_kind == "logodds" else "") + f" from {args.reward}, "
-                f"KL coef {args.kl_coef:g}, clip {args.clip:g}, {args.rl_updates} update(s) a rollout")
+                f"(<= {args.max_new_tokens} tokens, temperature {args.temperature:g}), reward: "
+                + (f"p({reward.label})" + (" log-odds" if args.reward_kind == "logodds" else "")
+                   if isinstance(reward, RewardModel) else "") + f" from {args.reward}, "
+                f"KL coef {args.kl_coef:g}, clip {args.clip:g}, {args.rl_updates} update(s) a rollout"
+                + (", advantages not scaled by the group's std" if args.scale_rewards == "none" else ""))
     record = {"max_len": c.block_size, "reward": os.path.abspath(args.reward), "reward_label": reward.label,
               "reward_kind": args.reward_kind, "group_size": args.group_size, "max_new_tokens": args.max_new_tokens,
               "temperature": args.temperature, "top_k": args.top_k, "kl_coef": args.kl_coef, "clip": args.clip,
-              "rl_updates": args.rl_updates}
+              "rl_updates": args.rl_updates, "scale_rewards": args.scale_rewards}
     batches = Rollouts(model, prompts, reward, tokenizer, stats, group=args.group_size, prompts_per_step=opts["batch_size"],
-                       updates=args.rl_updates, micro=opts["grad_accum"], seed=opts["seed"], device=device, **sampling)
+                       updates=args.rl_updates, micro=opts["grad_accum"], seed=opts["seed"], device=device,
+                       scale_rewards=args.scale_rewards == "group", **sampling)
     return Task(batches, model, loss, evaluate if val else None, "ex", len(prompts), describe, record, stats=stats)
 
 

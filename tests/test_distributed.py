@@ -91,6 +91,9 @@ def text_files(tmp_path_factory):
     (d / "notes.txt").write_text(" ".join(w for s, _ in sentences(120, 5) for w in s.split()))
     (d / "sft.jsonl").write_text("\n".join(json.dumps({"prompt": f"review: {a}\nsentiment:", "response": f" {la}"})
                                            for a, la in sentences(24, 6)) + "\n")
+    (d / "pairs.jsonl").write_text("\n".join(json.dumps({"prompt": f"review: {a}\nsentiment:", "chosen": f" {la}",
+                                                         "rejected": " neutral"}) for a, la in sentences(20, 7)) + "\n")
+    (d / "prompts.txt").write_text("the movie\nit was\n\na plot\nthe film was\nfine\n")
     return d
 
 
@@ -101,6 +104,7 @@ CASES = {  # task and method -> (init, finetune.py flags)
     "lm-text": ("gpt", ["--task", "lm", "--train", "{text}/notes.txt", "--max-len", "32", "--eval-iters", "3"]),
     "lm-instructions": ("gpt", ["--task", "lm", "--train", "{text}/sft.jsonl", "--eval", "{text}/sft.jsonl",
                                 "--method", "lora"]),
+    "dpo": ("gpt", ["--task", "dpo", "--train", "{text}/pairs.jsonl", "--eval", "{text}/pairs.jsonl"]),
 }
 
 
@@ -129,6 +133,26 @@ def test_finetune_ddp_equals_one_process_at_the_same_global_batch(tmp_path, case
     if "--merge" in flags:
         assert os.path.exists(tmp_path / "two" / "merged" / "model.safetensors")
     assert not [n for n in os.listdir(tmp_path / "two") if n.startswith(".checkpoint.tmp")]
+
+
+def test_rl_under_two_processes_shares_the_prompts_and_logs_over_both(tmp_path, data, bert_dir, gpt_ckpt, text_files):
+    """--task rl under torchrun: each process samples the groups of its part of the prompts (its
+    own sampling stream); the gradients are averaged; rewards are logged over both processes; the
+    evaluation, sampled with one seed, is the same on every process. A second run is identical."""
+    clf = tmp_path / "clf"
+    run_script("finetune.py", ["--init", bert_dir, "--train", data["train"], "--max-steps", "4", *QUICK, "--out", clf],
+               tmp_path)
+    flags = ["--init", gpt_ckpt, "--task", "rl", "--prompts", text_files / "prompts.txt", "--eval",
+             text_files / "prompts.txt", "--reward", clf, "--group-size", "3", "--max-new-tokens", "5", "--batch-size",
+             "2", "--max-steps", "3", "--eval-interval", "3", *QUICK]
+    for name in ("a", "b"):
+        proc = run_script("finetune.py", [*flags, "--out", tmp_path / name], tmp_path, processes=2)
+        assert "x2 processes (DDP)" in proc.stdout
+    assert_same_run(tmp_path / "a", tmp_path / "b", tol=0)
+    s = json.load(open(tmp_path / "a" / "summary.json"))
+    assert s["world_size"] == 2 and 0 <= s["eval_positive"] <= 1 and "eval_kl" in s
+    train = [r for r in rows(tmp_path / "a") if "train_reward" in r]
+    assert [r["step"] for r in train] == [1, 2, 3] and all(1 <= r["train_length"] <= 5 for r in train)
 
 
 EVAL_SCRIPT = r"""

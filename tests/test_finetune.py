@@ -413,6 +413,11 @@ def test_bad_input_messages(tmp_path, data, bert_dir, gpt_ckpt, case):
         args[3] = str(d / "p.jsonl")
         args += ["--task", "lm"]
         words = ["instruction tuning", "needs a GPT"]
+    expect_value_error(args, words)
+
+
+def expect_value_error(args, words):
+    """finetune.main refuses `args` with one line holding every one of `words`."""
     with pytest.raises(ValueError) as e:
         finetune.main([str(a) for a in args])
     for w in words:

@@ -5,6 +5,7 @@ models (metrics, resume, bad input)."""
 import copy
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from minillm.tokenizer import CharTokenizer
 from minillm.training import Tally
 
 # tests/ is on sys.path (pytest's rootdir conftest); test_finetune puts the repository root there too
-from test_finetune import QUICK, VOCAB, metric_rows, run, sentences, summary, write_tsv  # noqa: E402
+from test_finetune import QUICK, VOCAB, expect_value_error, metric_rows, run, sentences, summary, write_tsv  # noqa: E402
 
 import finetune  # noqa: E402
 
@@ -563,11 +564,11 @@ def test_reward_model_probabilities_log_odds_and_hits(pref_data):
     assert pos.label == "pos" and pos.labels == ["neg", "pos"]
     p = pos.probabilities(texts)
     assert p.shape == (3, 2) and torch.allclose(p.sum(dim=1), torch.ones(3), atol=1e-5)
-    r, hits = pos(texts)
+    r, hits = pos([t[:4] for t in texts], [t[4:] for t in texts])  # the reward reads prompt + completion
     assert torch.allclose(r, p[:, 1].clamp(1e-6, 1 - 1e-6)) and hits.tolist() == (p[:, 1] > p[:, 0]).tolist()
-    odds, _ = rl.RewardModel(pref_data["clf"], kind="logodds")(texts)
+    odds, _ = rl.RewardModel(pref_data["clf"], kind="logodds")([""] * 3, texts)
     assert torch.allclose(odds, torch.log(r / (1 - r)), atol=1e-4)
-    neg, neg_hits = rl.RewardModel(pref_data["clf"], label="neg")(texts)
+    neg, neg_hits = rl.RewardModel(pref_data["clf"], label="neg")(texts, [""] * 3)
     assert torch.allclose(neg, 1 - r, atol=1e-5) and (neg_hits ^ hits).all()
     with pytest.raises(ValueError, match="--reward-label maybe"):
         rl.RewardModel(pref_data["clf"], label="maybe")
@@ -669,7 +670,8 @@ def test_rollouts_serve_each_rollout_updates_times_and_resume_at_its_start():
     tok = CharTokenizer.train("abcdefgh \n")
     model = tiny_gpt(seed=9, vocab=tok.vocab_size, block=32)
 
-    def reward(texts):  # the share of 'a' in the text: a deterministic stand-in for a classifier
+    def reward(heads, bodies):  # the share of 'a' in the text: a deterministic stand-in for a classifier
+        texts = [h + b for h, b in zip(heads, bodies)]
         r = torch.tensor([t.count("a") / max(len(t), 1) for t in texts])
         return r, r > 0.2
 
@@ -733,8 +735,165 @@ def test_bad_input_messages(tmp_path, pref_data, case):
     else:
         args = [d["gpt"] if a == d["clf"] else a for a in rl_common]
         words = ["--reward", "holds no sequence classifier"]
-    with pytest.raises(ValueError) as e:
-        finetune.main([str(a) for a in args])
-    for w in words:
-        assert w in str(e.value), (w, str(e.value))
-    assert "\n" not in str(e.value)
+    expect_value_error(args, words)
+
+
+# ---------------------------------------------------------------------------------------------
+# a reward written in Python: --reward FILE.py:NAME
+
+REWARD_FILE = r'''
+import re
+
+def exact(prompts, completions):
+    return [1.0 if c.strip() == "good" else 0.0 for c in completions]
+
+def has_good(prompts, completions):
+    return [float(bool(re.search(r"\bgood\b", c))) - 0.5 for c in completions]
+
+def short(prompts, completions):
+    return [1.0]
+
+def broken(prompts, completions):
+    return [float("nan")] * len(completions)
+'''
+
+
+def test_function_reward_scores_exact_and_regex_matches(tmp_path):
+    f = tmp_path / "rewards.py"
+    f.write_text(REWARD_FILE)
+    exact = rl.load_reward(f"{f}:exact")
+    r, hits = exact(["p", "p", "p"], [" good", "good film", "bad"])
+    assert r.tolist() == [1.0, 0.0, 0.0] and hits.tolist() == [True, False, False]
+    r, hits = rl.load_reward(f"{f}:has_good")(["", ""], ["a good film", "goodness"])
+    assert r.tolist() == [0.5, -0.5] and hits.tolist() == [True, False]
+    with pytest.raises(ValueError, match="returned 1 rewards for 2 completions"):
+        rl.load_reward(f"{f}:short")(["", ""], ["a", "b"])
+    with pytest.raises(ValueError, match="non-finite"):
+        rl.load_reward(f"{f}:broken")([""], ["a"])
+    with pytest.raises(ValueError, match="defines no function 'missing'"):
+        rl.load_reward(f"{f}:missing")
+    with pytest.raises(ValueError, match="no such Python file"):
+        rl.load_reward(f"{tmp_path / 'none.py'}:exact")
+    with pytest.raises(ValueError, match="--reward-label"):
+        rl.load_reward(f"{f}:exact", label="pos")
+    bad = tmp_path / "bad.py"
+    bad.write_text("import nothing_of_that_name\n")
+    with pytest.raises(ValueError, match="failed to load: ModuleNotFoundError"):
+        rl.load_reward(f"{bad}:exact")
+
+
+def test_rl_with_a_python_reward_runs_end_to_end(tmp_path, pref_data):
+    f = tmp_path / "rewards.py"
+    f.write_text(REWARD_FILE)
+    out = tmp_path / "rl"
+    run(["--init", pref_data["gpt"], "--task", "rl", "--prompts", pref_data["prompts"], "--eval", pref_data["eval_prompts"],
+         "--reward", f"{f}:has_good", "--out", out, "--max-steps", "2", *RL])
+    s = summary(out)
+    assert s["reward_label"] == "reward > 0" and s["steps"] == 2
+    # an untrained char-level GPT hardly ever writes the word: most rewards are the regex's -0.5
+    assert -0.5 <= s["eval_reward"] <= 0.5 and 0 <= s["eval_positive"] <= 1
+    rows = [r for r in metric_rows(out) if "train_reward" in r]
+    assert len(rows) == 2 and all(-0.5 <= r["train_reward"] <= 0.5 for r in rows)
+
+
+def test_reward_model_reads_a_hugging_face_classifier(tmp_path, pref_data):
+    """The same classifier exported as a Hugging Face directory (labels in config.json's id2label,
+    vocab.txt beside it) gives the same rewards as its finetune.py checkpoint."""
+    from minillm.classification_data import LabelMap
+    from minillm.pretrained import load_finetuned
+
+    model, tok, cfg = load_finetuned(pref_data["clf"])
+    hf = tmp_path / "hf"
+    finetune.export_hf(model, str(hf), LabelMap(cfg["labels"]), tok, {"source": "minillm"})
+    texts = ["good good film", "bad awful plot", "the movie"]
+    ours, theirs = rl.RewardModel(pref_data["clf"]), rl.RewardModel(str(hf))
+    assert theirs.labels == ["neg", "pos"] and theirs.label == "pos"
+    assert torch.allclose(ours.probabilities(texts), theirs.probabilities(texts), atol=1e-5)
+
+
+def test_group_advantages_without_scaling_are_rewards_minus_the_group_mean():
+    rewards = torch.tensor([0.9, 0.95, 1.0, 0.2, 0.6, 0.7])
+    expected = [0.9 - 0.95, 0.0, 1.0 - 0.95, 0.2 - 0.5, 0.6 - 0.5, 0.7 - 0.5]
+    assert group_advantages(rewards, 3, scale=False).tolist() == pytest.approx(expected, abs=1e-6)
+    # scaled, the nearly-equal first group pushes about as hard as the second; unscaled, a sixth as hard
+    scaled = group_advantages(rewards, 3)
+    assert scaled[:3].abs().max().item() == pytest.approx(scaled[3:].abs().max().item(), rel=0.2)
+
+
+def response_logp(model, tok, row, kind):
+    """(log p(response | prompt), response tokens) of a pairs row, one token at a time, in float64."""
+    model.eval()
+    p, r = tok.encode(row["prompt"]), tok.encode(row[kind]) + [tok.eos_id]
+    logits = model(torch.tensor([p + r]))[0][0].double()
+    return sum(torch.log_softmax(logits[len(p) - 1 + i], -1)[t].item() for i, t in enumerate(r)), len(r)
+
+
+def test_dpo_reference_flag_supplies_the_reference_log_probs(tmp_path, pref_data):
+    """--reference: DPO's reference is another checkpoint. One step over all 12 pairs at a vanishing
+    lr: the first loss is the DPO formula with the policy's and that reference's sequence
+    log-probabilities, computed here directly."""
+    from minillm.checkpoint import save_checkpoint
+    from minillm.pretrained import load_pretrained
+
+    policy, tok, _ = load_pretrained(pref_data["gpt"])
+    torch.manual_seed(5)
+    other = GPT(policy.config)
+    save_checkpoint(str(tmp_path / "ref"), other, policy.config, tok)
+    out = tmp_path / "dpo"
+    run(["--init", pref_data["gpt"], "--task", "dpo", "--train", pref_data["pairs"], "--reference", tmp_path / "ref",
+         "--out", out, *QUICK, "--max-steps", "1", "--lr", "1e-12", "--batch-size", "12", "--dpo-beta", "0.5"])
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if "train_loss" in line]
+    losses = []
+    for line in open(pref_data["pairs"]):
+        row = json.loads(line)
+        lp = {(name, kind): response_logp(model, tok, row, kind)[0] for name, model in (("pi", policy), ("ref", other))
+              for kind in ("chosen", "rejected")}
+        h = (lp["pi", "chosen"] - lp["ref", "chosen"]) - (lp["pi", "rejected"] - lp["ref", "rejected"])
+        losses.append(-math.log(1 / (1 + math.exp(-0.5 * h))))
+    assert rows[0]["train_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-4)
+    assert abs(rows[0]["train_loss"] - math.log(2)) > 1e-3  # not the policy as its own reference
+    with pytest.raises(ValueError, match="--reference is the reference model of --task dpo"):
+        run(["--init", pref_data["gpt"], "--task", "lm", "--train", pref_data["pairs"], "--reference", tmp_path / "ref",
+             "--out", tmp_path / "x", "--max-steps", "1", *QUICK])
+
+
+def test_dpo_nll_adds_the_chosen_responses_nll_per_token(tmp_path, pref_data):
+    """--dpo-nll 0.5 (RPO): at the start (policy = reference, DPO loss log 2) the first loss over all
+    12 pairs is log 2 + 0.5 x the mean over pairs of the chosen response's NLL per token."""
+    from minillm.pretrained import load_pretrained
+
+    policy, tok, _ = load_pretrained(pref_data["gpt"])
+    out = tmp_path / "rpo"
+    run(["--init", pref_data["gpt"], "--task", "dpo", "--train", pref_data["pairs"], "--out", out, *QUICK,
+         "--max-steps", "1", "--lr", "1e-12", "--batch-size", "12", "--dpo-nll", "0.5"])
+    row = [json.loads(line) for line in open(out / "metrics.jsonl") if "train_loss" in line][0]
+    nll = [-lp / n for lp, n in (response_logp(policy, tok, json.loads(line), "chosen") for line in open(pref_data["pairs"]))]
+    assert row["train_chosen_nll"] == pytest.approx(sum(nll) / len(nll), rel=1e-4)
+    assert row["train_loss"] == pytest.approx(math.log(2) + 0.5 * sum(nll) / len(nll), rel=1e-4)
+
+
+def test_preference_demo_runs_its_loop_on_tiny_data(tmp_path, pref_data):
+    """benchmarks.preference_demo end to end at tiny budgets: writer, pairs, two online DPO rounds
+    (the second with the writer as --reference), RL, and the table of every model."""
+    from benchmarks import preference_demo
+
+    data = tmp_path / "sst2"
+    data.mkdir()
+    write_tsv(data / "train.tsv", sentences(80, 3))
+    write_tsv(data / "dev.tsv", sentences(12, 4))
+    out = tmp_path / "demo"
+    assert preference_demo.main([
+        "--data", str(data), "--out", str(out), "--reward", pref_data["clf"], "--reward-label", "pos",
+        "--min-words", "3", "--writer-budget", "2", "--budget", "40", "--pairs", "16", "--dpo-rounds", "2",
+        "--eval-prompts", "4", "--max-new-tokens", "6", "--pair-margin", "0",
+        "--dpo-flags", "--batch-size 4 --epochs 1 --dtype float32",
+        "--rl-flags", "--batch-size 2 --group-size 2 --max-steps 2 --dtype float32"]) == 0
+    result = json.load(open(out / "results.json"))
+    assert [r["model"] for r in result["rows"]] == ["writer", "dpo", "rl"]
+    assert len(result["dpo"]["rounds"]) == 2 and result["dpo"]["seconds"] <= 40
+    for r in result["rows"]:
+        assert 0 <= r["positive"] <= 1 and 0 <= r["distinct2"] <= 1 and r["ref_ppl"] > 1
+    assert result["rows"][0]["kl"] == 0  # the writer against itself
+    config = json.load(open(out / "dpo" / "round2" / "checkpoint" / "config.json"))
+    assert config["finetune"]["reference"] == os.path.abspath(out / "writer")
+    assert "| writer |" in (out / "results.md").read_text()
