@@ -353,7 +353,7 @@ def evaluate_instructions(model, val, pad, batch_size, device, split=True) -> di
     runs its share of the batches and the sums are gathered (the one-process result, to the bit)."""
     starts = range(0, len(val), batch_size)
     sums = torch.zeros(2, len(starts), device=device)  # per batch: loss x response tokens, response tokens
-    for b, keep in my_batches(len(starts)) if split else [(b, True) for b in range(len(starts))]:
+    for b, keep in my_batches(len(starts), split):
         ids, targets, _ = collate(val, range(starts[b], min(starts[b] + batch_size, len(val))), pad, pad_second=-100)
         loss = model(ids.to(device), targets.to(device))[1].float()
         if keep:
@@ -376,7 +376,7 @@ def pair_logprobs(model, pairs, pad, batch_size, device, split=True) -> torch.Te
     `split`: each process runs its share of the batches and the rows are gathered."""
     starts = range(0, len(pairs), batch_size)
     out = torch.zeros(len(pairs), 2, device=device)
-    for b, keep in my_batches(len(starts)) if split else [(b, True) for b in range(len(starts))]:
+    for b, keep in my_batches(len(starts), split):
         idx = list(range(starts[b], min(starts[b] + batch_size, len(pairs))))
         ids, targets = pair_batch(pairs, idx, pad, device)
         logp = token_logprobs(model(ids)[0], targets).sum(dim=-1)

@@ -36,7 +36,7 @@ import time
 import torch
 
 from minillm.pretrained import load_finetuned, load_pretrained
-from minillm.rl import Reference, RewardModel, evaluate_policy, read_prompts, sample, stop_token
+from minillm.rl import Reference, RewardModel, decode_completions, evaluate_policy, read_prompts, sample, stop_token
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,7 +104,7 @@ def make_pairs(model_dir: str, reward: RewardModel, prompts_file: str, first: in
     completions = []
     for b in range(0, len(ids), 64):
         completions += sample(model, ids[b:b + 64], 2, max_new, 1.0, None, gen, stop)
-    bodies = [tokenizer.decode([t for t in c if t != stop]) for c in completions]
+    bodies = decode_completions(tokenizer, completions, stop)
     scores = reward([texts[k // 2] for k in range(len(bodies))], bodies)[0]
     kept = 0
     with open(out, "w", encoding="utf-8") as f:

@@ -383,7 +383,7 @@ def predict_logits(model, encoded: Sequence[tuple[list[int], list[int]]], pad_id
     was_training = model.training
     model.eval()
     order, out = eval_order([len(ids) for ids, _ in encoded], batch_size), None
-    for i, keep in my_batches(len(order)) if split else [(i, True) for i in range(len(order))]:
+    for i, keep in my_batches(len(order), split):
         ids, types, mask = collate(encoded, order[i], pad_id)
         mask = None if bool(mask.all()) else mask.to(device)  # no padding: attention needs no mask
         logits, _ = model.classify(ids.to(device), attention_mask=mask, token_type_ids=types.to(device))

@@ -228,7 +228,7 @@ def evaluate_lm(model, data: LMData, iters: int, device=None, split: bool = True
     device = device or data.device
     sums = torch.zeros(2, iters, device=device)  # per batch: loss x targets, targets
     batches = list(data.eval_batches(iters, device))  # every process draws them all: the masks come in turn
-    for i, keep in my_batches(iters) if split else [(i, True) for i in range(iters)]:
+    for i, keep in my_batches(iters, split):
         x, y = batches[i]
         _, loss = model(x, y)
         n = (y != -100).sum()

@@ -213,11 +213,12 @@ def my_part(idx: np.ndarray) -> np.ndarray:
     return idx if world == 1 else np.array_split(idx, world)[rank]
 
 
-def my_batches(n: int) -> list[tuple[int, bool]]:
+def my_batches(n: int, split: bool = True) -> list[tuple[int, bool]]:
     """The evaluation batches 0..n-1 this process runs, as (index, keep): every world-th one
     from its rank. Every process runs the same number (under FSDP each forward all-gathers
-    weights with the others): one with a batch fewer runs its last again and drops the result."""
-    rank, world = rank_world()
+    weights with the others): one with a batch fewer runs its last again and drops the result.
+    split=False: all of them, kept (one process evaluates alone)."""
+    rank, world = rank_world() if split else (0, 1)
     mine = list(range(rank, n, world))
     rounds = -(-n // world)
     return [(i, True) for i in mine] + [((mine or [0])[-1], False)] * (rounds - len(mine))

@@ -8,6 +8,7 @@ tokens, the stop token included; the prompt and the padding are -100.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -137,6 +138,16 @@ def read_prompts(path: str, tokenizer, room: int, stop: Optional[int]) -> tuple[
     return texts, ids
 
 
+def pad_token(tokenizer, stop: Optional[int]) -> int:
+    """What pads the sequences: the pad token, else the stop token (padding is never learned)."""
+    return tokenizer.pad_id if tokenizer.pad_id is not None else (stop or 0)
+
+
+def decode_completions(tokenizer, completions: Sequence[list[int]], stop: Optional[int]) -> list[str]:
+    """The completions' text, without their stop token."""
+    return [tokenizer.decode([t for t in c if t != stop]) for c in completions]
+
+
 def cut(tokens: list[int], stop: Optional[int]) -> list[int]:
     """A completion up to and including its first stop token."""
     return tokens[: tokens.index(stop) + 1] if stop is not None and stop in tokens else tokens
@@ -182,12 +193,10 @@ class Reference:
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.lora:
-            with adapters_off(self.model):
-                return token_logprobs(self.model(ids)[0], targets)
-        if next(self.model.parameters()).device != ids.device:
+        if not self.lora and next(self.model.parameters()).device != ids.device:
             self.model.to(ids.device)
-        return token_logprobs(self.model(ids)[0], targets)
+        with adapters_off(self.model) if self.lora else contextlib.nullcontext():
+            return token_logprobs(self.model(ids)[0], targets)
 
 
 class Rollouts:
@@ -206,7 +215,7 @@ class Rollouts:
         self.group, self.max_new, self.temperature, self.top_k = group, max_new, temperature, top_k
         self.updates, self.micro, self.device, self.stop = updates, micro, device, stop_token(tokenizer)
         self.scale_rewards = scale_rewards
-        self.pad = tokenizer.pad_id if tokenizer.pad_id is not None else (self.stop or 0)
+        self.pad = pad_token(tokenizer, self.stop)
         self.generator = torch.Generator(device=device).manual_seed(seed + 1000 * rank)
         self.served, self.current, self.started = 0, [], None
 
@@ -223,12 +232,12 @@ class Rollouts:
         completions = sample(self.model, prompts, self.group, self.max_new, self.temperature, self.top_k,
                              self.generator, self.stop)
         heads = [self.tokenizer.decode(p) for p in prompts]
-        bodies = [self.tokenizer.decode([t for t in c if t != self.stop]) for c in completions]
+        bodies = decode_completions(self.tokenizer, completions, self.stop)
         rewards, hits = self.reward([heads[k // self.group] for k in range(len(bodies))], bodies)
-        ids, targets = sequences(prompts, completions, self.group, self.pad)
+        ids, targets = (t.to(self.device) for t in sequences(prompts, completions, self.group, self.pad))
         self.stats.add(reward=rewards, positive=hits.float(), length=torch.tensor([float(len(c)) for c in completions]))
-        return ids.to(self.device), targets.to(self.device), group_advantages(rewards, self.group, scale=self.scale_rewards).to(self.device), {}, \
-            targets.to(self.device)
+        advantages = group_advantages(rewards, self.group, scale=self.scale_rewards).to(self.device)
+        return ids, targets, advantages, {}, targets
 
     def position(self) -> dict:
         return {**self.order.state(), "generator": self.generator.get_state()}  # flat: a checkpoint keeps tensors as text
@@ -257,7 +266,7 @@ def evaluate_policy(model, prompts: Sequence[list[int]], reward: RewardModel, to
     `samples`, when a list, receives the completions' text. Every process runs all of it."""
     device = next(model.parameters()).device
     stop = stop_token(tokenizer)
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else (stop or 0)
+    pad = pad_token(tokenizer, stop)
     gen = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -272,14 +281,12 @@ def evaluate_policy(model, prompts: Sequence[list[int]], reward: RewardModel, to
         kl += (logp - ref).sum().item()
         ref_lp += ref.sum().item()
         n_tokens += (targets != -100).sum().item()
-        for p, c in zip(part, completions):
-            body = [t for t in c if t != stop]
-            heads.append(tokenizer.decode(p))
-            bodies.append(tokenizer.decode(body))
+        heads += [tokenizer.decode(p) for p in part]
+        bodies += decode_completions(tokenizer, completions, stop)
     r, h = reward(heads, bodies)
     model.train(was_training)
     if samples is not None:
         samples.extend(a + b for a, b in zip(heads, bodies))
     return {"eval_reward": r.mean().item(), "eval_positive": h.float().mean().item(), "eval_kl": kl / len(prompts),
-            "eval_ref_ppl": math.exp(min(-ref_lp / max(n_tokens, 1), 50)), "eval_distinct2": distinct_n([b.split() for b in bodies], 2),
-            "eval_length": n_tokens / len(prompts)}
+            "eval_ref_ppl": math.exp(min(-ref_lp / max(n_tokens, 1), 50)),
+            "eval_distinct2": distinct_n([b.split() for b in bodies], 2), "eval_length": n_tokens / len(prompts)}
