@@ -7,7 +7,7 @@
         --time-budget 300 --out out/sst2
     python finetune.py ... --method lora --pooling mean --lr 1e-3 --lora-rank 16 --lora-alpha 32 --merge   # adapters, then folded in
     python finetune.py ... --method head                              # the classifier alone
-    python finetune.py ... --export-hf out/sst2-hf --quantize int8    # transformers-loadable copy; int8 copy
+    python finetune.py ... --export-hf out/sst2-hf --quantize int8    # transformers-loadable copy; quantised copy
     python -m minillm.predict --ckpt out/sst2 --text "a gorgeous, witty film"
 
     # continued pretraining on text (GPT: causal LM; BERT: masked LM), or instruction tuning
@@ -30,7 +30,7 @@ Examples are batched with others of similar length and padded only to the longes
 README's "Measured here" has the SST-2 accuracies of each method and pooling.
 
 Reads top to bottom: settings -> tasks (the data, the loss, the evaluation) -> methods (what
-trains) -> the loop (`finetune`) -> LoRA merge, Hugging Face export, int8 copy -> main.
+trains) -> the loop (`finetune`) -> LoRA merge, Hugging Face export, quantised copy -> main.
 """
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ from minillm.classification_data import (
 from minillm.cli import DEVICE_HELP, add_bool, add_training_args, given_training_flags, positive_int, run_main
 from minillm.config import BACKENDS
 from minillm.data import LMData, evaluate_lm, read_corpus, split, to_device, tokenize_corpus
+from minillm.distill import Teacher, kd_loss, load_teacher, mix
 from minillm.device import autocast, can_compile, check_device_support, evaluating, resolve_dtype, seed_everything
 from minillm.distributed import (
     all_reduce_sum, finish_distributed, grad_sync, is_sharded, my_batches, my_part, rank_world, seed_per_process, setup_distributed,
@@ -66,9 +67,10 @@ from minillm.lora import DEFAULT_TARGETS, apply_lora, count_trainable, lora_stat
 from minillm.model import build_model
 from minillm.memory import check_memory
 from minillm.metrics import classification_report, format_confusion
+from minillm.prune import importance, keep_blocks, prune_structured
 from minillm.preference import DPO_VARIANTS, dpo_loss, entropy, policy_loss, response_nll, token_logprobs
 from minillm.pretrained import load_pretrained
-from minillm.quantize import quantize_int8, quantized_tensors
+from minillm.quantize import QUANT_KINDS, quantize_backend, quantize_model, quantized_tensors
 from minillm.rl import REWARD_KINDS, Reference, RewardModel, Rollouts, evaluate_policy, load_reward, read_prompts, stop_token
 from minillm.run_dir import RunDir, existing_run, keep_previous, lock, refuse_clash
 from minillm.tokenizer import check_vocab, load_tokenizer
@@ -137,6 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scale-rewards", choices=["group", "none"], default="group",
                    help="rl: advantages are rewards minus their group's mean, over its std (group: GRPO) or not "
                         "(none: Dr. GRPO, pushes less where a group's rewards barely differ)")
+    g = p.add_argument_group("compression: distillation and structured pruning (README: Compress and export)")
+    g.add_argument("--teacher", metavar="DIR", help="distil from this model: a finetuned classifier (classify) or any "
+                                                     "checkpoint of the same tokenizer (lm)")
+    g.add_argument("--distill-alpha", type=float, default=0.5,
+                   help="weight of the teacher's soft targets; 1 - it weighs the labels (default: 0.5)")
+    g.add_argument("--distill-temperature", type=float, default=2.0, help="softens both distributions (default: 2)")
+    g.add_argument("--student-layers", type=positive_int, metavar="N",
+                   help="start from N of --init's blocks, evenly spaced and the last kept (a student)")
+    g.add_argument("--prune-heads", type=float, default=0.0, metavar="F",
+                   help="remove this share of every block's attention heads, the least important first (default: 0)")
+    g.add_argument("--prune-mlp", type=float, default=0.0, metavar="F",
+                   help="remove this share of every block's MLP neurons, the least important first (default: 0)")
+    g.add_argument("--prune-calibration", type=positive_int, default=16, metavar="BATCHES",
+                   help="training batches the importance of heads and neurons is measured on (default: 16)")
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=["full", "lora", "head"], default="full")
     g.add_argument("--lora-rank", type=positive_int, default=8)
@@ -155,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_args(p, FINETUNE_DEFAULTS, out_default="out/finetune")
     g = p.add_argument_group("after training")
     g.add_argument("--export-hf", metavar="DIR", help="also write the model as a Hugging Face directory")
-    g.add_argument("--quantize", choices=["int8"], help="also write a dynamically quantised CPU copy (<out>/quantized)")
+    g.add_argument("--quantize", choices=QUANT_KINDS,
+                   help="also write a quantised CPU copy (<out>/quantized): int8 = dynamic int8 activations and weights; "
+                        "int8-weight / int4-weight = weight-only")
     return p
 
 
@@ -184,6 +202,10 @@ def resolve(args) -> dict:
         (args.kl_coef >= 0 and math.isfinite(args.kl_coef), f"--kl-coef must be >= 0, got {args.kl_coef}"),
         (args.clip > 0 and math.isfinite(args.clip), f"--clip must be positive, got {args.clip}"),
         (args.task != "rl" or args.group_size >= 2, "--group-size must be >= 2: advantages compare a prompt's completions"),
+        (args.task in ("classify", "lm") or not (args.teacher or args.prune_heads or args.prune_mlp),
+         f"--teacher and --prune-* work with --task classify or lm, not {args.task}"),
+        (0.0 <= args.prune_heads < 1.0, f"--prune-heads must be in [0, 1), got {args.prune_heads}"),
+        (0.0 <= args.prune_mlp < 1.0, f"--prune-mlp must be in [0, 1), got {args.prune_mlp}"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -242,7 +264,7 @@ class PaddedBatches:
         return ids, second, mask, to_device(self.labels[idx], self.device)
 
 
-def classification_task(args, opts, model, tokenizer, device, saved) -> Task:
+def classification_task(args, opts, model, tokenizer, device, saved, teacher: Optional[Teacher] = None) -> Task:
     table = read_table(args.train, args.format)
     text_col = args.text_col or next((c for c in TEXT_COLUMNS if c in table.columns), TEXT_COLUMNS[0])
     train_ex = to_examples(table, text_col, args.label_col, args.text_pair_col)
@@ -258,10 +280,18 @@ def classification_task(args, opts, model, tokenizer, device, saved) -> Task:
     fresh = model.add_classifier(len(labels), args.pooling)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else model.config.pad_token_id
     weights = class_weights(y_train.tolist(), len(labels)).to(device) if args.class_weights == "auto" else None
+    if teacher is not None and teacher.labels != labels.names:
+        raise ValueError(f"--teacher {args.teacher}: its labels ({', '.join(map(str, teacher.labels))}) differ from "
+                         f"those of {args.train} ({', '.join(labels.names)})")
 
     def loss(forward, batch):
         ids, types, mask, y = batch
-        return F.cross_entropy(forward(ids, types, mask).float(), y, weight=weights), y
+        logits = forward(ids, types, mask).float()
+        hard = F.cross_entropy(logits, y, weight=weights)
+        if teacher is None:
+            return hard, y
+        soft = kd_loss(logits, teacher.classify(ids, types, mask), teacher.temperature)
+        return mix(hard, soft, teacher.alpha), y
 
     def evaluate(m, on=None, split=True):
         logits = predict_logits(m, eval_enc, pad, args.eval_batch_size, device=on or device, split=split)
@@ -293,7 +323,7 @@ class Logits(nn.Module):
         return self.model.classify(ids, attention_mask=mask, token_type_ids=types)[0]
 
 
-def lm_task(args, opts, model, tokenizer, device) -> Task:
+def lm_task(args, opts, model, tokenizer, device, teacher: Optional[Teacher] = None) -> Task:
     """Continued pretraining on text (GPT: next token; BERT: masked tokens), or instruction
     tuning of a GPT on prompt/response JSONL with the loss on the response only."""
     c = model.config
@@ -301,7 +331,12 @@ def lm_task(args, opts, model, tokenizer, device) -> Task:
 
     def loss(forward, batch):
         x, y = batch
-        return forward(x, y)[1], y
+        if teacher is None:
+            return forward(x, y)[1], y
+        logits = forward(x)[0].float()  # every position's: the soft term needs them
+        hard = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+        hard = hard / (y != -100).sum().clamp(min=1)
+        return mix(hard, kd_loss(logits, teacher.lm(x), teacher.temperature, mask=y != -100), teacher.alpha), y
 
     if args.format == "jsonl" or (args.format is None and args.train.lower().endswith((".jsonl", ".json", ".ndjson"))):
         return instruction_task(args, opts, model, tokenizer, block, device, loss)
@@ -514,6 +549,19 @@ def rl_task(args, opts, model, tokenizer, device) -> Task:
 TASK_BUILDERS = {"lm": lm_task, "dpo": dpo_task, "rl": rl_task}
 
 
+def build_task(args, opts, model, tokenizer, device, saved) -> Task:
+    """The task of --task; a classifier or language model distils from --teacher when given."""
+    teacher = None
+    if args.teacher:
+        teacher = load_teacher(args.teacher, args.task, model, tokenizer, device, args.distill_alpha,
+                               args.distill_temperature)
+    if args.task == "classify":
+        return classification_task(args, opts, model, tokenizer, device, saved, teacher)
+    if args.task == "lm":
+        return lm_task(args, opts, model, tokenizer, device, teacher)
+    return TASK_BUILDERS[args.task](args, opts, model, tokenizer, device)
+
+
 # -- methods: what trains -------------------------------------------------------------------------
 
 
@@ -540,6 +588,24 @@ def apply_method(model, args, opts) -> str:
     if args.freeze_layers is not None and args.method == "full":
         what += f", embeddings and {args.freeze_layers} block(s) frozen"
     return f"{what}: {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train"
+
+
+def prune(model, task: Task, args, log) -> dict:
+    """Structured pruning before training (the training is then its recovery): the heads and MLP
+    neurons of every block ranked by importance on the first --prune-calibration batches, the
+    least important removed (minillm/prune.py). The batches' position is left as it was."""
+    position = task.batches.state()
+    batches = [task.batches.next() for _ in range(args.prune_calibration)]
+    task.batches.load_state(position)
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        heads, neurons = importance(model, lambda b: task.loss(task.forward, b)[0], batches)
+    done = prune_structured(model, args.prune_heads, args.prune_mlp, heads, neurons)
+    before, after = done["block_parameters"]
+    log(f"pruned: heads {done['heads']}, MLP neurons {done['inner']} per block; the blocks' parameters "
+        f"{before / 1e6:.2f}M -> {after / 1e6:.2f}M ({done['removed_share']:.1%} removed; importance from "
+        f"{len(batches)} batches in {time.perf_counter() - t0:.1f}s)")
+    return {k: done[k] for k in ("heads", "inner", "block_parameters", "removed_share")}
 
 
 def first_batch(task: Task):
@@ -637,7 +703,7 @@ def run_eval(model, task: Task, s: TrainSettings, device) -> dict:
         return task.evaluate(model)
 
 
-# -- after training: Hugging Face export and the int8 copy ------------------------------------------
+# -- after training: Hugging Face export and the quantised copy ------------------------------------------
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt")
@@ -663,23 +729,24 @@ def tensor_bytes(tensors: dict) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def write_quantized(model, out, config, tokenizer, extra, evaluate) -> dict:
-    """Quantise a CPU copy, evaluate the float model and the int8 copy side by side, and save
-    the copy as <out>/quantized (int8 weights with their per-channel scales, in safetensors)."""
-    qmodel = quantize_int8(model)
-    row = {"float_bytes": tensor_bytes(model_tensors(model)), "int8_bytes": tensor_bytes(quantized_tensors(qmodel))}
+def write_quantized(model, kind, out, config, tokenizer, extra, evaluate) -> dict:
+    """Quantise a CPU copy (QUANT_KINDS), evaluate the float model and the copy side by side, and
+    save the copy as <out>/quantized (integer weights with their scales, in safetensors)."""
+    qmodel = quantize_model(model, kind)
+    row = {"kind": kind, "backend": quantize_backend(kind), "float_bytes": tensor_bytes(model_tensors(model)),
+           "quantized_bytes": tensor_bytes(quantized_tensors(qmodel))}
     if evaluate is not None:
         model.eval()
-        for kind, m, on in (("float", model, next(model.parameters()).device), ("int8", qmodel, torch.device("cpu"))):
+        for name, m, on in (("float", model, next(model.parameters()).device), ("quantized", qmodel, torch.device("cpu"))):
             t0 = time.perf_counter()
             with torch.no_grad():
                 metrics = evaluate(m, on, False)  # rank 0 alone: not split over the processes
-            row[f"{kind}_eval_seconds"] = round(time.perf_counter() - t0, 2)
-            row.update({f"{kind}_{k}": v for k, v in metrics.items() if k in ("eval_accuracy", "eval_f1", "eval_loss")})
-    path = save_checkpoint(out, qmodel, config, tokenizer, extra_config={**extra, "quantized": "int8"},
+            row[f"{name}_eval_seconds"] = round(time.perf_counter() - t0, 2)
+            row.update({f"{name}_{k}": v for k, v in metrics.items() if k in ("eval_accuracy", "eval_f1", "eval_loss")})
+    path = save_checkpoint(out, qmodel, config, tokenizer, extra_config={**extra, "quantized": kind},
                            name="quantized", tensors=quantized_tensors(qmodel))
-    row["int8_file_bytes"] = os.path.getsize(os.path.join(path, "model.safetensors"))
-    row["int8_checkpoint"] = path
+    row["quantized_file_bytes"] = os.path.getsize(os.path.join(path, "model.safetensors"))
+    row["checkpoint"] = path
     return row
 
 
@@ -696,7 +763,7 @@ def deliver(args, model, task, tokenizer, extra, init_info, summary) -> None:
         summary["hf_export"] = args.export_hf
     if args.quantize:
         merged = {**extra, "finetune": {**finetuned, "merged": args.method == "lora" or finetuned["merged"]}}
-        summary["quantized"] = write_quantized(model, args.out, config, tokenizer, merged, task.evaluate)
+        summary["quantized"] = write_quantized(model, args.quantize, args.out, config, tokenizer, merged, task.evaluate)
 
 
 def report(args, summary, task, plot, model_arch) -> None:
@@ -719,10 +786,10 @@ def report(args, summary, task, plot, model_arch) -> None:
         print(format_confusion(summary["eval_confusion"], task.labels.names))
     if args.quantize:
         q = summary["quantized"]
-        acc = "".join(f", {kind} accuracy {q[f'{kind}_eval_accuracy']:.4f}" for kind in ("float", "int8")
-                      if f"{kind}_eval_accuracy" in q)
-        print(f"int8 copy: {q['int8_bytes'] / 1e6:.1f} MB of weights vs {q['float_bytes'] / 1e6:.1f} MB float{acc}"
-              f" -> {q['int8_checkpoint']}")
+        acc = "".join(f", {name} accuracy {q[f'{name}_eval_accuracy']:.4f}" for name in ("float", "quantized")
+                      if f"{name}_eval_accuracy" in q)
+        print(f"{q['kind']} copy ({q['backend']}): {q['quantized_bytes'] / 1e6:.1f} MB of weights vs "
+              f"{q['float_bytes'] / 1e6:.1f} MB float{acc} -> {q['checkpoint']}")
     print(f"wrote {summary['checkpoint']}, {os.path.join(args.out, 'metrics.jsonl')}, "
           f"{os.path.join(args.out, 'summary.json')}" + (f", {plot}" if plot else "")
           + (f", {args.export_hf}" if args.export_hf else ""))
@@ -740,7 +807,8 @@ def start_model(args, opts, saved, log=print):
     if saved is not None:
         was = saved.get("finetune") or {}
         refuse_clash(args.out, {"task": args.task, "method": args.method, "init": os.path.abspath(args.init),
-                                "lora": lora_settings(args, opts)}, was)
+                                "lora": lora_settings(args, opts), "student_layers": args.student_layers,
+                                "prune_heads": args.prune_heads, "prune_mlp": args.prune_mlp}, was)
         pooling = saved["model"].get("classifier_pooling")
         if args.pooling and args.pooling != pooling:
             raise ValueError(f"--resume: flags disagree with the checkpoint in {args.out}: --pooling {args.pooling} "
@@ -759,6 +827,9 @@ def start_model(args, opts, saved, log=print):
         raise ValueError("--pooling chooses BERT's sentence vector; a GPT classifies from its last real token")
     if init_info.get("missing_heads") and args.task == "lm":
         log(f"note: {args.init} has no {'/'.join(init_info['missing_heads'])} weights; they start fresh")
+    if args.student_layers:
+        total = model.config.n_layer
+        log(f"student: blocks {keep_blocks(model, args.student_layers)} of {args.init}'s {total}")
     return model, tokenizer, init_info
 
 
@@ -785,8 +856,9 @@ def main(argv=None) -> int:
                  dtype=opts["dtype"])
 
     # -- data, head, method
-    task = (classification_task(args, opts, model, tokenizer, device, saved if args.resume else None)
-            if args.task == "classify" else TASK_BUILDERS[args.task](args, opts, model, tokenizer, device))
+    task = build_task(args, opts, model, tokenizer, device, saved if args.resume else None)
+    if args.prune_heads or args.prune_mlp:
+        task.record["pruned"] = prune(model, task, args, log)
     if args.export_hf:  # refuse before training what could not be exported after it
         config_to_hf(model.config)
     method = apply_method(model, args, opts)
@@ -856,7 +928,10 @@ def place_model(model, task: Task, method: str, s: TrainSettings, device, world:
 def run_record(args, opts, task: Task, s: TrainSettings) -> dict:
     """What the checkpoint's config.json keeps about the run besides the model."""
     finetuned = {"init": os.path.abspath(args.init), "task": args.task, "method": args.method, "merged": False,
-                 "freeze_layers": args.freeze_layers, "lora": lora_settings(args, opts), **task.record}
+                 "freeze_layers": args.freeze_layers, "lora": lora_settings(args, opts), **task.record,
+                 "student_layers": args.student_layers, "prune_heads": args.prune_heads, "prune_mlp": args.prune_mlp,
+                 **({"teacher": os.path.abspath(args.teacher), "distill_alpha": args.distill_alpha,
+                     "distill_temperature": args.distill_temperature} if args.teacher else {})}
     return {"task": args.task, "finetune": finetuned, **({"labels": task.labels.names} if task.labels else {}),
             "train": {**{k: v for k, v in opts.items() if isinstance(v, (int, float, str, bool, type(None)))},
                       "dtype": s.dtype}}

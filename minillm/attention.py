@@ -317,18 +317,18 @@ class MultiHeadAttention(nn.Module):
     """
 
     def __init__(self, n_embd, n_head, n_kv_head=None, bias=True, dropout=0.0, attn_dropout=0.0,
-                 backend="auto", layer_idx=0, use_kernels=False, scale=None):
+                 backend="auto", layer_idx=0, use_kernels=False, scale=None, head_dim=None):
         super().__init__()
-        if n_embd % n_head:
+        if n_embd % n_head and head_dim is None:
             raise ValueError(f"n_head={n_head} does not divide n_embd={n_embd}")
         n_kv_head = n_kv_head or n_head
         if n_head % n_kv_head:
             raise ValueError(f"n_kv_head={n_kv_head} does not divide n_head={n_head}")
         if backend not in BACKENDS:
             raise ValueError(f"attention backend {backend!r} is not one of {list(BACKENDS)}")
-        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, n_embd // n_head
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim or n_embd // n_head
         self.qkv = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
-        self.proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.proj = nn.Linear(n_head * self.head_dim, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
         self.attn_dropout = attn_dropout
         self.backend = backend
@@ -365,5 +365,5 @@ class MultiHeadAttention(nn.Module):
             dropout_p=self.attn_dropout if self.training else 0.0,
             kv_lens=kv_lens,
         )
-        y = y.transpose(1, 2).reshape(b, t, c)
+        y = y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim)
         return self.resid_dropout(self.proj(y))

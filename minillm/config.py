@@ -32,6 +32,7 @@ class ModelConfig:
     n_head: int = 12
     n_kv_head: Optional[int] = None  # grouped-query attention; None means n_head
     n_embd: int = 768
+    head_size: Optional[int] = None  # width of one head; None means n_embd // n_head (set by head pruning)
     n_inner: Optional[int] = None  # MLP hidden width; None means 4 * n_embd
     block_size: int = 1024  # the longest sequence the model accepts
     pos_encoding: str = "learned"
@@ -61,7 +62,7 @@ class ModelConfig:
     # The fields that decide the weights' names and shapes: a checkpoint loads only into a model
     # that agrees on all of them.
     shape_fields: ClassVar[tuple[str, ...]] = (
-        "arch", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "n_inner", "block_size",
+        "arch", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "head_size", "n_inner", "block_size",
         "pos_encoding", "norm", "activation", "bias", "tie_embeddings", "type_vocab_size", "num_labels",
         "pooler",
     )
@@ -76,7 +77,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
 
     @property
     def kv_heads(self) -> int:
@@ -107,7 +108,7 @@ class ModelConfig:
             value = getattr(self, name)
             if not is_int(value) or value <= 0:
                 raise ValueError(f"config.{name} must be a positive integer, got {_show(value)}")
-        for name in ("n_kv_head", "n_inner"):
+        for name in ("n_kv_head", "n_inner", "head_size"):
             value = getattr(self, name)
             if value is not None and (not is_int(value) or value <= 0):
                 raise ValueError(f"config.{name}={_show(value)} must be a positive integer or null")
@@ -126,7 +127,7 @@ class ModelConfig:
         for name in ("bias", "tie_embeddings", "attn_scale_by_layer", "use_kernels", "chunked_ce", "pooler"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"config.{name} must be true or false, got {_show(getattr(self, name))}")
-        if self.n_embd % self.n_head:
+        if self.n_embd % self.n_head and self.head_size is None:
             raise ValueError(
                 f"n_head={self.n_head} does not divide n_embd={self.n_embd}: "
                 "the width must split evenly into heads"
@@ -154,8 +155,8 @@ class ModelConfig:
     def approx_params(self) -> int:
         """Parameter count from the shapes alone, so absurd configs fail before allocating."""
         c, inner = self.n_embd, self.inner
-        kv = self.kv_heads * self.head_dim
-        attn = c * (c + 2 * kv) + c * c
+        q, kv = self.n_head * self.head_dim, self.kv_heads * self.head_dim
+        attn = c * (q + 2 * kv) + q * c
         mlp = c * inner * (3 if self.activation == "swiglu" else 2)
         emb = self.vocab_size * c + (self.block_size * c if self.pos_encoding == "learned" else 0)
         emb += (self.type_vocab_size * c + (c * c if self.pooler else 0)) if self.arch == "bert" else 0
@@ -175,14 +176,15 @@ class ModelConfig:
         """The shape fields, with the defaults that None stands for filled in: two configs whose
         shapes are equal hold interchangeable weights."""
         shape = {name: getattr(self, name) for name in self.shape_fields}
-        shape.update(n_kv_head=self.kv_heads, n_inner=self.inner)
+        shape.update(n_kv_head=self.kv_heads, n_inner=self.inner, head_size=self.head_dim)
         if self.arch != "bert":  # only BERT has token-type embeddings and a pooler
             del shape["type_vocab_size"], shape["pooler"]
         return shape
 
     def describe(self) -> str:
         """One line for messages: "gpt 4x128, 4 heads, vocab 96, context 128"."""
-        return (f"{self.arch} {self.n_layer}x{self.n_embd}, {self.n_head} heads, vocab {self.vocab_size}, "
+        heads = f"{self.n_head} heads" + (f" of {self.head_size}" if self.head_size else "")
+        return (f"{self.arch} {self.n_layer}x{self.n_embd}, {heads}, vocab {self.vocab_size}, "
                 f"context {self.block_size}")
 
     @classmethod

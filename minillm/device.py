@@ -82,11 +82,12 @@ def resolve_dtype(spec: str, device: torch.device, step=None, log=print) -> str:
 
 
 def inference_placement(device: torch.device, asked: str, dtype: str, quantized: bool, ckpt: str):
-    """(device, dtype) a loaded model runs in (generate, predict): as asked, except that an int8
-    copy runs on the CPU only (--device auto moves it there; a device named is refused)."""
+    """(device, dtype) a loaded model runs in (generate, predict): as asked, except that a quantised
+    copy (int8, int8-weight, int4-weight) runs on the CPU only (--device auto moves it there; a
+    device named is refused)."""
     if quantized:
         if device.type != "cpu" and asked != "auto":
-            raise ValueError(f"--device {asked}: {ckpt} holds an int8 copy, which runs on the CPU only")
+            raise ValueError(f"--device {asked}: {ckpt} holds a quantised copy, which runs on the CPU only")
         device = torch.device("cpu")
     return device, resolve_dtype(dtype, device)
 

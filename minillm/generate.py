@@ -1,5 +1,5 @@
 """Sample text from a GPT checkpoint: train.py's, or a finetune.py language model (full
-weights, LoRA adapters on their base model, or the int8 copy).
+weights, LoRA adapters on their base model, or a quantised copy).
 
     python -m minillm.generate --ckpt out/default --prompt "The for statement" --tokens 200
 """

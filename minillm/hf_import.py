@@ -281,6 +281,8 @@ def config_to_hf(config: ModelConfig, id2label: dict | None = None) -> dict:
         unsupported.append("activation=swiglu")
     if c.n_kv_head not in (None, c.n_head):
         unsupported.append("grouped-query attention")
+    if c.head_dim * c.n_head != c.n_embd:
+        unsupported.append(f"{c.n_head} heads of {c.head_dim} in a width of {c.n_embd} (pruned heads)")
     if not c.bias:
         unsupported.append("bias=False")
     want_norm = "pre" if c.arch == "gpt" else "post"

@@ -4,8 +4,8 @@
     model, tokenizer, info = load_pretrained("out/run")    # or a train.py / finetune.py checkpoint
     model, tokenizer, cfg = load_finetuned("out/sst2")     # a finetune.py result, as it was saved
 
-A finetune.py checkpoint holds full weights, the int8 copy, or only LoRA adapters (and the
-head): those are rebuilt on top of the base model the run started from, recorded in the
+A finetune.py checkpoint holds full weights, a quantised copy (int8, int8-weight or int4-weight),
+or only LoRA adapters (and the head): those are rebuilt on top of the base model the run started from, recorded in the
 checkpoint (or passed as `base` when it has moved), which is itself loaded by load_pretrained.
 """
 from __future__ import annotations
@@ -57,14 +57,15 @@ def load_pretrained(path: str, **overrides):
                          "Face GPT-2/BERT directory (config.json with a model_type)")
     cfg = read_config(ckpt)
     if cfg.get("quantized"):
-        raise ValueError(f"{ckpt}: an int8 inference copy cannot be trained further; start from the float checkpoint")
+        raise ValueError(f"{ckpt}: a quantised ({cfg['quantized']}) inference copy cannot be trained further; "
+                         "start from the float checkpoint")
     model, tokenizer = _from_checkpoint(ckpt, cfg, None, overrides)
     merge_lora(model)  # a LoRA run's adapters become part of the weights the new run starts from
     return model, tokenizer, {**cfg, "source": "minillm", "path": os.path.abspath(ckpt), "missing_heads": []}
 
 
 def load_finetuned(path: str, base: Optional[str] = None, **overrides):
-    """(model, tokenizer, config dict) from a finetune.py checkpoint: full weights, the int8 copy,
+    """(model, tokenizer, config dict) from a finetune.py checkpoint: full weights, a quantised copy,
     or LoRA adapters (rebuilt on the base model recorded in the checkpoint, or `base`)."""
     ckpt = find_checkpoint(path)
     if ckpt is None:
@@ -80,8 +81,8 @@ def _from_checkpoint(ckpt: str, cfg: dict, base: Optional[str], overrides: dict)
     tensors = read_tensors(os.path.join(ckpt, "model.safetensors"))  # a damaged file fails before a model is built
     tokenizer = read_tokenizer(ckpt)
     ft = cfg.get("finetune") or {}
-    if cfg.get("quantized"):
-        return load_quantized(config, tensors, ckpt), tokenizer
+    if cfg.get("quantized"):  # the kind finetune.py --quantize wrote; load_quantized refuses one it does not know
+        return load_quantized(config, tensors, ckpt, cfg["quantized"]), tokenizer
     if ft.get("method") != "lora" or ft.get("merged"):
         model = build_model(config)
         load_weights(model, tensors, ckpt)

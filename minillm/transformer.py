@@ -47,6 +47,7 @@ class Block(nn.Module):
         self.attn = MultiHeadAttention(
             c.n_embd, c.n_head, c.n_kv_head, bias=c.bias, dropout=c.dropout, attn_dropout=c.attn_dropout,
             backend=c.attention_backend, layer_idx=layer_idx, use_kernels=c.use_kernels, scale=scale,
+            head_dim=c.head_dim,
         )
         self.norm2 = make_norm(c.norm, c.n_embd, c.norm_eps, bias=c.bias, use_kernels=c.use_kernels)
         self.mlp = MLP(c.n_embd, c.inner, c.activation, bias=c.bias, dropout=c.dropout, use_kernels=c.use_kernels)

@@ -129,7 +129,7 @@ def test_finetune_ddp_equals_one_process_at_the_same_global_batch(tmp_path, case
     one, two = (json.load(open(tmp_path / run / "summary.json")) for run in ("one", "two"))
     assert two["world_size"] == 2
     if "--quantize" in flags:
-        assert two["quantized"]["int8_eval_accuracy"] == one["quantized"]["int8_eval_accuracy"]
+        assert two["quantized"]["quantized_eval_accuracy"] == one["quantized"]["quantized_eval_accuracy"]
     if "--merge" in flags:
         assert os.path.exists(tmp_path / "two" / "merged" / "model.safetensors")
     assert not [n for n in os.listdir(tmp_path / "two") if n.startswith(".checkpoint.tmp")]

@@ -253,8 +253,8 @@ def test_quantize_int8_reports_and_predicts(tmp_path, data, bert_dir):
     run(["--init", bert_dir, "--train", data["train"], "--eval", data["eval"], "--max-steps", "3", "--lr", "1e-2",
          "--quantize", "int8", "--out", out, *QUICK])
     q = summary(out)["quantized"]
-    assert q["int8_bytes"] < q["float_bytes"] and os.path.exists(q["int8_checkpoint"])
-    assert 0 <= q["int8_eval_accuracy"] <= 1 and q["float_eval_accuracy"] == pytest.approx(summary(out)["eval_accuracy"])
+    assert q["quantized_bytes"] < q["float_bytes"] and os.path.exists(q["checkpoint"])
+    assert 0 <= q["quantized_eval_accuracy"] <= 1 and q["float_eval_accuracy"] == pytest.approx(summary(out)["eval_accuracy"])
     _, fl = probs_of(predict("--ckpt", out, "--text", "good film"))
     _, qu = probs_of(predict("--ckpt", out / "quantized", "--text", "good film"))
     assert abs(float(fl[0][2]) - float(qu[0][2])) < 0.05

@@ -567,7 +567,7 @@ def test_wrong_architecture_and_missing_heads():
 # every field with another valid value, starting from BASE_SHAPE
 BASE_SHAPE = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16, vocab_size=V)
 OTHER_VALUE = dict(
-    arch="bert", vocab_size=V + 1, n_layer=3, n_head=8, n_kv_head=4, n_embd=64, n_inner=48, block_size=20,
+    arch="bert", vocab_size=V + 1, n_layer=3, n_head=8, n_kv_head=4, n_embd=64, head_size=6, n_inner=48, block_size=20,
     pos_encoding="rope", rope_base=500.0, norm="rmsnorm", norm_eps=1e-6, norm_position="post", activation="swiglu",
     bias=False, dropout=0.1, attn_dropout=0.1, tie_embeddings=False, attn_scale=1.0, attn_scale_by_layer=True,
     attention_backend="naive", use_kernels=True, chunked_ce=True, type_vocab_size=3, pad_token_id=1,
@@ -600,7 +600,9 @@ def test_config_shape_fills_in_defaults_and_describe():
     a = preset("gpt-cpu", n_kv_head=None, n_inner=None)
     b = preset("gpt-cpu", n_kv_head=a.n_head, n_inner=4 * a.n_embd)
     assert a.shape() == b.shape() and a != b
+    assert preset("gpt-cpu", head_size=32).shape() == a.shape()  # 128 / 4: the head size None stands for
     assert a.describe() == "gpt 4x128, 4 heads, vocab 256, context 128"
+    assert preset("gpt-cpu", n_head=3, head_size=16).describe() == "gpt 4x128, 3 heads of 16, vocab 256, context 128"
     assert "type_vocab_size" in preset("bert-cpu").shape() and "type_vocab_size" not in a.shape()
 
 
