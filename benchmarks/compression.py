@@ -10,8 +10,8 @@ The recipe (each training run is `python finetune.py` as a user runs it, with --
 3. unstructured magnitude pruning of the teacher at 30% and 50% (python -m minillm.prune), no retraining.
 4. structured pruning: --prune-heads / --prune-mlp on the teacher, then a recovery finetune distilled
    from the unpruned teacher.
-5. a 3-layer student (blocks 1, 3, 5 of MiniLM) distilled from the teacher, and the same student
-   finetuned without a teacher, for the same time.
+5. a 3-layer student (blocks 1, 3, 5 of the finetuned teacher, and its head) distilled from the
+   teacher, and the same student finetuned without a teacher, for the same time.
 6. the teacher exported with torch.export (.pt2) and compiled ahead of time by AOTInductor.
 
 Each row: size on disk (the weights file, or the .pt2 / AOTI package), the bytes of the blocks'
@@ -121,7 +121,8 @@ def measure(name, run, file_bytes, lin_bytes, budget, env, note="", same_as=None
     encoded, labels, pad = env[:3]
     logits = dev_logits(run, encoded, pad)
     if same_as is not None:
-        note = f"max abs logit difference from eager {(logits - same_as).abs().max().item():.1e}; " + note
+        diff = f"max abs logit difference from eager {(logits - same_as).abs().max().item():.1e}"
+        note = f"{diff}; {note}" if note else diff
     row = {"model": name, "budget_s": budget, "size_mb": file_bytes / 1e6, "linear_mb": lin_bytes / 1e6,
            "accuracy": accuracy(logits, labels), "note": note, "logits": logits, "run": run}
     print(f"{name}: {row['size_mb']:.1f} MB, dev accuracy {row['accuracy']:.4f}", flush=True)
@@ -190,10 +191,10 @@ def plot(rows, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
+    for i, r in enumerate(rows):
         ax.scatter(r["ms_b32"], r["accuracy"], s=20 + 4 * r["size_mb"])
-        ax.annotate(r["model"].split(" (")[0], (r["ms_b32"], r["accuracy"]), fontsize=7, xytext=(4, 2),
-                    textcoords="offset points")
+        ax.annotate(r["model"].split(" (")[0], (r["ms_b32"], r["accuracy"]), fontsize=7, xytext=(4, 2 - 9 * (i % 3)),
+                    textcoords="offset points")  # neighbours' labels at different heights
     ax.set_xlabel("CPU latency at batch 32 (ms)")
     ax.set_ylabel("SST-2 dev accuracy")
     ax.set_title("Compression of all-MiniLM-L6-v2 on SST-2 (marker area ~ size on disk)")
@@ -211,6 +212,9 @@ def main(argv=None) -> int:
     p.add_argument("--prune-heads", type=float, default=0.33)
     p.add_argument("--prune-mlp", type=float, default=0.4)
     p.add_argument("--student-layers", type=int, default=3)
+    p.add_argument("--student-from", choices=["teacher", "pretrained"], default="teacher",
+                   help="the blocks the students start from: the finetuned teacher's (and its head) or the "
+                        "pretrained model's (measured here: 0.8807 vs 0.8693 distilled, 300 s)")
     p.add_argument("--distill-alpha", type=float, default=0.5)
     p.add_argument("--distill-temperature", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=2, help="torch threads for every latency and every training run")
@@ -235,12 +239,11 @@ def main(argv=None) -> int:
     runs["pruned"] = finetune_step("structured pruning + recovery", o("pruned"),
                                    ["--init", runs["teacher"], "--prune-heads", str(args.prune_heads), "--prune-mlp",
                                     str(args.prune_mlp), *kd], args.data, args.recovery_budget, args.reuse)
-    runs["student_kd"] = finetune_step("student, distilled", o("student_kd"),
-                                       ["--init", minilm, "--student-layers", str(args.student_layers), *kd],
-                                       args.data, args.budget, args.reuse)
-    runs["student"] = finetune_step("student, no teacher", o("student"),
-                                    ["--init", minilm, "--student-layers", str(args.student_layers)],
-                                    args.data, args.budget, args.reuse)
+    student = ["--init", runs["teacher"] if args.student_from == "teacher" else minilm,
+               "--student-layers", str(args.student_layers)]
+    runs["student_kd"] = finetune_step("student, distilled", o("student_kd"), [*student, *kd], args.data, args.budget,
+                                       args.reuse)
+    runs["student"] = finetune_step("student, no teacher", o("student"), student, args.data, args.budget, args.reuse)
     rows = measure_all(args, runs, o)
     text = table(rows)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),

@@ -89,7 +89,8 @@ def check_structured(config) -> None:
 def importance(model, loss_of: Callable, batches: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
     """(heads (n_layer, n_head), neurons (n_layer, inner)): mean |dL/dgate| over the batches, from
     one backward each (see the module's docstring). loss_of(batch) -> scalar loss. Under torchrun
-    the scores are summed over the processes, so every process prunes the same heads."""
+    each process holds its part of every batch: the gradients are averaged over the processes
+    before their magnitude is taken, which gives the scores of the whole batch on every process."""
     blocks = list(model.blocks)
     heads = torch.zeros(len(blocks), blocks[0].attn.n_head, dtype=torch.float64)
     neurons = torch.zeros(len(blocks), blocks[0].mlp.proj.in_features, dtype=torch.float64)
@@ -99,21 +100,21 @@ def importance(model, loss_of: Callable, batches: Iterable) -> tuple[torch.Tenso
         p.requires_grad_(True)
     training, n = model.training, 0
     model.eval()  # no dropout: the scores of the weights as they are
+    world = all_reduce_sum(torch.ones(1, dtype=torch.float64))
     for batch in batches:
         model.zero_grad(set_to_none=True)
         loss_of(batch).backward()
-        for i, b in enumerate(blocks):
-            w, g = b.attn.proj.weight, b.attn.proj.weight.grad
-            heads[i] += (w * g).float().view(w.shape[0], b.attn.n_head, b.attn.head_dim).sum((0, 2)).abs().double().cpu()
-            w, g = b.mlp.proj.weight, b.mlp.proj.weight.grad
-            neurons[i] += (w * g).float().sum(0).abs().double().cpu()
+        h = torch.stack([(b.attn.proj.weight * b.attn.proj.weight.grad).double().cpu()
+                         .view(-1, b.attn.n_head, b.attn.head_dim).sum((0, 2)) for b in blocks])
+        u = torch.stack([(b.mlp.proj.weight * b.mlp.proj.weight.grad).double().cpu().sum(0) for b in blocks])
+        heads += (all_reduce_sum(h) / world).abs()  # the whole batch's dL/dgate, then its magnitude
+        neurons += (all_reduce_sum(u) / world).abs()
         n += 1
     model.zero_grad(set_to_none=True)
     for p, r in zip(outs, was):
         p.requires_grad_(r)
     model.train(training)
-    count = all_reduce_sum(torch.tensor([float(n)], dtype=torch.float64))
-    return all_reduce_sum(heads) / count, all_reduce_sum(neurons) / count
+    return heads / max(n, 1), neurons / max(n, 1)
 
 
 def _sliced(layer: nn.Linear, rows=None, cols=None) -> nn.Linear:

@@ -105,12 +105,19 @@ CASES = {  # task and method -> (init, finetune.py flags)
     "lm-instructions": ("gpt", ["--task", "lm", "--train", "{text}/sft.jsonl", "--eval", "{text}/sft.jsonl",
                                 "--method", "lora"]),
     "dpo": ("gpt", ["--task", "dpo", "--train", "{text}/pairs.jsonl", "--eval", "{text}/pairs.jsonl"]),
+    # importance from each process's part of the calibration batches, then the same heads pruned everywhere
+    "classify-pruned-distilled": ("bert", ["--prune-heads", "0.5", "--prune-mlp", "0.5", "--prune-calibration", "2",
+                                           "--teacher", "{teacher}"]),
 }
 
 
 def case_flags(case, data, bert_dir, gpt_ckpt, text_files):
     init, flags = CASES[case]
-    flags = [f.replace("{text}", str(text_files)) for f in flags]
+    teacher = text_files / "teacher"
+    if "{teacher}" in flags and not teacher.exists():  # a classifier of the same labels, trained a few steps
+        test_finetune.run(["--init", bert_dir, "--train", data["train"], "--max-steps", "3", "--out", teacher,
+                           *test_finetune.QUICK])
+    flags = [f.replace("{text}", str(text_files)).replace("{teacher}", str(teacher)) for f in flags]
     base = ["--init", bert_dir if init == "bert" else gpt_ckpt]
     if "--train" not in flags:
         base += ["--train", data["train"], "--eval", data["eval"]]
