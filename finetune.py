@@ -139,20 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scale-rewards", choices=["group", "none"], default="group",
                    help="rl: advantages are rewards minus their group's mean, over its std (group: GRPO) or not "
                         "(none: Dr. GRPO, pushes less where a group's rewards barely differ)")
-    g = p.add_argument_group("compression: distillation and structured pruning (README: Compress and export)")
-    g.add_argument("--teacher", metavar="DIR", help="distil from this model: a finetuned classifier (classify) or any "
-                                                     "checkpoint of the same tokenizer (lm)")
-    g.add_argument("--distill-alpha", type=float, default=0.5,
-                   help="weight of the teacher's soft targets; 1 - it weighs the labels (default: 0.5)")
-    g.add_argument("--distill-temperature", type=float, default=2.0, help="softens both distributions (default: 2)")
-    g.add_argument("--student-layers", type=positive_int, metavar="N",
-                   help="start from N of --init's blocks, evenly spaced and the last kept (a student)")
-    g.add_argument("--prune-heads", type=float, default=0.0, metavar="F",
-                   help="remove this share of every block's attention heads, the least important first (default: 0)")
-    g.add_argument("--prune-mlp", type=float, default=0.0, metavar="F",
-                   help="remove this share of every block's MLP neurons, the least important first (default: 0)")
-    g.add_argument("--prune-calibration", type=positive_int, default=16, metavar="BATCHES",
-                   help="training batches the importance of heads and neurons is measured on (default: 16)")
+    add_compression_args(p)
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=["full", "lora", "head"], default="full")
     g.add_argument("--lora-rank", type=positive_int, default=8)
@@ -175,6 +162,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a quantised CPU copy (<out>/quantized): int8 = dynamic int8 activations and weights; "
                         "int8-weight / int4-weight = weight-only")
     return p
+
+
+def add_compression_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("compression: distillation and structured pruning (README: Compress and export)")
+    g.add_argument("--teacher", metavar="DIR", help="distil from this model: a finetuned classifier (classify) or any "
+                                                     "checkpoint of the same tokenizer (lm)")
+    g.add_argument("--distill-alpha", type=float, default=0.5,
+                   help="weight of the teacher's soft targets; 1 - it weighs the labels (default: 0.5)")
+    g.add_argument("--distill-temperature", type=float, default=2.0, help="softens both distributions (default: 2)")
+    g.add_argument("--student-layers", type=positive_int, metavar="N",
+                   help="start from N of --init's blocks, evenly spaced and the last kept (a student)")
+    g.add_argument("--prune-heads", type=float, default=0.0, metavar="F",
+                   help="remove this share of every block's attention heads, the least important first (default: 0)")
+    g.add_argument("--prune-mlp", type=float, default=0.0, metavar="F",
+                   help="remove this share of every block's MLP neurons, the least important first (default: 0)")
+    g.add_argument("--prune-calibration", type=positive_int, default=16, metavar="BATCHES",
+                   help="training batches the importance of heads and neurons is measured on (default: 16)")
 
 
 def resolve(args) -> dict:

@@ -99,7 +99,7 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: dict, out_defau
     g = parser.add_argument_group("training (shared by train.py and finetune.py)")
     for f in fields(TrainSettings):
         flag, default = "--" + f.name.replace("_", "-"), defaults.get(f.name, f.default)
-        shown = f"{TRAINING_HELP[f.name]} (default: {default})"
+        shown = f"{TRAINING_HELP[f.name]} (default: {default})".replace("%", "%%")  # argparse formats help with %
         if f.type in ("bool", bool):
             add_bool(g, flag, shown)
         elif f.name == "dtype":

@@ -423,3 +423,11 @@ def expect_value_error(args, words):
     for w in words:
         assert w in str(e.value), (w, str(e.value))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("command", [["finetune.py"], ["train.py"], ["-m", "minillm.predict"], ["-m", "minillm.generate"],
+                                     ["-m", "minillm.export"], ["-m", "minillm.prune"], ["-m", "benchmarks.compression"]])
+def test_help_of_every_command(command):
+    """--help prints (finetune.py's once crashed: a default of '6% of the steps' in an argparse help string)."""
+    proc = subprocess.run([sys.executable, *command, "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stderr[-500:]
