@@ -598,9 +598,7 @@ def prune(model, task: Task, args, log) -> dict:
     """Structured pruning before training (the training is then its recovery): the heads and MLP
     neurons of every block ranked by importance on the first --prune-calibration batches, the
     least important removed (minillm/prune.py). The batches' position is left as it was."""
-    position = task.batches.state()
-    batches = [task.batches.next() for _ in range(args.prune_calibration)]
-    task.batches.load_state(position)
+    batches = first_batches(task, args.prune_calibration)
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         heads, neurons = importance(model, lambda b: task.loss(task.forward, b)[0], batches)
@@ -612,12 +610,16 @@ def prune(model, task: Task, args, log) -> dict:
     return {k: done[k] for k in ("heads", "inner", "block_parameters", "removed_share")}
 
 
-def first_batch(task: Task):
-    """The task's first batch; the batches' position is left as it was."""
+def first_batches(task: Task, n: int) -> list:
+    """The task's first n batches; the batches' position is left as it was."""
     position = task.batches.state()
-    batch = task.batches.next()
+    batches = [task.batches.next() for _ in range(n)]
     task.batches.load_state(position)
-    return batch
+    return batches
+
+
+def first_batch(task: Task):
+    return first_batches(task, 1)[0]
 
 
 def probe_step(model, task: Task):

@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -36,6 +34,8 @@ import time
 import torch
 
 from benchmarks.finetune_sst2 import DATA, minilm_dir
+from benchmarks.timing import cpu_name, run_step
+from minillm import export as ex
 from minillm.checkpoint import save_checkpoint
 from minillm.classification_data import collate, encode_examples, eval_order, read_table, to_examples
 from minillm.metrics import classification_report
@@ -50,17 +50,8 @@ COMMON = ["--train", "train.tsv", "--eval", "dev.tsv", "--text-col", "sentence",
 
 def finetune_step(name, out, flags, data, budget, reuse) -> str:
     """One finetune.py run (or its earlier output with --reuse)."""
-    if reuse and os.path.exists(os.path.join(out, "summary.json")):
-        print(f"== {name}: kept {out} (--reuse)", flush=True)
-        return out
-    cmd = [sys.executable, "finetune.py", *[os.path.join(data, f) if f.endswith(".tsv") else f for f in COMMON],
-           *flags, "--time-budget", str(budget), "--out", out]
-    print(f"== {name}\n$ {' '.join(cmd[1:])}", flush=True)
-    t0 = time.time()
-    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
-        raise SystemExit(f"{name}: finetune.py failed")
-    print(f"== {name}: {time.time() - t0:.0f} s wall", flush=True)
-    return out
+    common = [os.path.join(data, f) if f.endswith(".tsv") else f for f in COMMON]
+    return run_step(name, ["finetune.py", *common, *flags, "--time-budget", str(budget), "--out", out], out, reuse)
 
 
 def dev_inputs(tokenizer, data, names):
@@ -86,21 +77,6 @@ def dev_logits(run, encoded, pad) -> torch.Tensor:
 
 def accuracy(logits, labels) -> float:
     return classification_report(labels, logits.argmax(-1), logits.shape[-1])["accuracy"]
-
-
-def latencies(runs: list, inputs: tuple, repeats: int) -> list[float]:
-    """Median milliseconds of one call of each runner. The runners take turns, call after call (a
-    load that comes and goes on a shared machine then weighs on all of them alike), after two
-    warm-up rounds."""
-    times = [[] for _ in runs]
-    with torch.no_grad():
-        for round_ in range(repeats + 2):
-            for i, run in enumerate(runs):
-                t0 = time.perf_counter()
-                run(*inputs)
-                if round_ >= 2:
-                    times[i].append((time.perf_counter() - t0) * 1e3)
-    return [statistics.median(t) for t in times]
 
 
 def eager(model):
@@ -132,8 +108,7 @@ def measure(name, run, file_bytes, lin_bytes, budget, env, note="", same_as=None
 def checkpoint_row(name, path, budget, env, note=""):
     model, _, _ = load_finetuned(path)
     weights = os.path.join(path, "checkpoint", "model.safetensors")
-    float_linear = sum(m.weight.numel() * m.weight.element_size() for n, m in model.named_modules()
-                       if n in quantizable_layers(model))
+    float_linear = linear_bytes(model.state_dict(), quantizable_layers(model))
     return measure(name, eager(model), os.path.getsize(weights), float_linear, budget, env, note), model
 
 
@@ -153,11 +128,10 @@ def quantized_rows(teacher_model, out, env):
 def exported_rows(path, out, env, eager_logits):
     """The teacher as a torch.export program and an AOTInductor package (minillm.export), both run
     as a user runs them: loaded back from their files by torch alone."""
-    from minillm import export as ex
-
     model, _ = ex.load_for_export(path)  # attention: the hand-written backend (see minillm.export)
     program = ex.export_program(model, "logits", torch.float32)
-    pt2 = torch.export.save(program, os.path.join(out, "teacher.pt2")) or os.path.join(out, "teacher.pt2")
+    pt2 = os.path.join(out, "teacher.pt2")
+    torch.export.save(program, pt2)
     loaded = torch.export.load(pt2).module()
     rows = [measure("torch.export program (.pt2)", lambda i, m, t: loaded(i, m, t), os.path.getsize(pt2), 0, 0, env,
                     same_as=eager_logits)]
@@ -246,8 +220,7 @@ def main(argv=None) -> int:
     runs["student"] = finetune_step("student, no teacher", o("student"), student, args.data, args.budget, args.reuse)
     rows = measure_all(args, runs, o)
     text = table(rows)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    cpu = cpu_name()
     print(f"\n{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, float32\n\n{text}")
     with open(o("compression.json"), "w") as f:
         json.dump({"cpu": cpu, "threads": args.threads, "rows": rows}, f, indent=1)
@@ -286,8 +259,9 @@ def measure_all(args, runs, o) -> list:
     print(f"latency: every model in turn, {args.repeats} calls at batch 1 and {max(3, args.repeats // 2)} at batch 32",
           flush=True)
     for key, inputs, repeats in (("ms_b1", one, args.repeats), ("ms_b32", many, max(3, args.repeats // 2))):
-        for r, ms in zip(rows, latencies([r["run"] for r in rows], inputs, repeats)):
-            r[key] = ms
+        ms = ex.latency_ms({i: r["run"] for i, r in enumerate(rows)}, inputs, repeats)  # in turns, after warm-up
+        for i, r in enumerate(rows):
+            r[key] = ms[i]
     for r in rows:
         del r["logits"], r["run"]
     return rows

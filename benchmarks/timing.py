@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -153,6 +156,24 @@ def resolve(args) -> tuple[torch.device, torch.dtype, int]:
         dtype = DTYPES[args.dtype]
     reps = args.reps or (50 if device.type == "cuda" else 5)
     return device, dtype, reps
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_step(name: str, cmd: list[str], out: str, reuse: bool) -> str:
+    """Run one command of a whole-run benchmark's recipe (a script and its flags, from the
+    repository root), or keep its earlier output in `out` (a summary.json there) with --reuse."""
+    if reuse and os.path.exists(os.path.join(out, "summary.json")):
+        print(f"== {name}: kept {out} (--reuse)")
+        return out
+    print(f"== {name}\n$ {' '.join(cmd)}", flush=True)
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, *cmd], cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name}: exit code {proc.returncode}")
+    print(f"== {name}: {time.time() - t0:.0f} s wall", flush=True)
+    return out
 
 
 def cpu_name() -> str:

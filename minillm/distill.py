@@ -43,7 +43,8 @@ def mix(hard: torch.Tensor, soft: torch.Tensor, alpha: float) -> torch.Tensor:
 
 @dataclass
 class Teacher:
-    """A frozen model in eval mode, with the mix's settings. logits(*inputs) as the task calls it."""
+    """A frozen model in eval mode, with the mix's settings; classify() and lm() give its logits
+    for a batch as the classification and language-model tasks hold it."""
     model: nn.Module
     alpha: float
     temperature: float

@@ -66,12 +66,11 @@ def prune_unstructured(model, sparsity: float, scope: str = "global") -> dict:
 
 def sparsity_report(model) -> dict:
     """Share of exact zeros in each block linear weight, in the blocks together and in the model."""
-    layers = {n: float((m.weight == 0).float().mean()) for n, m in block_linears(model)}
-    zeros = sum(int((m.weight == 0).sum()) for _, m in block_linears(model))
-    total = sum(m.weight.numel() for _, m in block_linears(model))
+    counts = {n: (int((m.weight == 0).sum()), m.weight.numel()) for n, m in block_linears(model)}
+    zeros, total = sum(z for z, _ in counts.values()), sum(size for _, size in counts.values())
     every = sum(int((p == 0).sum()) for p in model.parameters())
     return {"blocks": zeros / max(total, 1), "model": every / sum(p.numel() for p in model.parameters()),
-            "layers": layers}
+            "layers": {n: z / size for n, (z, size) in counts.items()}}
 
 
 # -- structured: heads, neurons, blocks -----------------------------------------------------------
