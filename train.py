@@ -33,11 +33,13 @@ from minillm.distributed import (
 )
 from minillm.memory import check_memory
 from minillm.model import build_model
+from minillm.optim import describe_optimizer
 from minillm.run_dir import RunDir, existing_run, keep_previous, lock, refuse_clash
 from minillm.tokenizer import CharTokenizer, HFTokenizer, check_vocab, load_tokenizer
 from minillm.training import (
-    Meter, ProgressBar, TrainingStopped, TrainSettings, TrainState, clip_gradients, count_targets, lr_at,
-    make_optimizer, resume_training, save_training, set_lr, skip_step, sync_step, token_share,
+    Meter, ProgressBar, TrainingStopped, TrainSettings, TrainState, best_line, best_summary, check_keep_best, clip_gradients,
+    count_targets, lr_at, make_optimizer, resume_training, save_best, save_training, set_lr, skip_step, sync_step,
+    token_share,
 )
 
 # -- settings -------------------------------------------------------------------------------------
@@ -72,7 +74,7 @@ MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "n_inner", "block_siz
                "activation", "attention_backend", "dropout", "bias", "use_kernels", "chunked_ce")
 # What may differ in a resumed run: how it runs and reports, not what it computes.
 PER_INVOCATION = ("device", "attention_backend", "use_kernels", "chunked_ce", "compile", "stop_at_step", "sample_tokens",
-                  "log_interval", "eval_interval", "eval_iters", "ckpt_interval", "ckpt_seconds", "fsdp")
+                  "log_interval", "eval_interval", "eval_iters", "ckpt_interval", "ckpt_seconds", "fsdp", "early_stopping")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(args, saved, device: torch.device) -> dict:
     """Flags over the recipe (the GPU one on a CUDA device) over the defaults; a resumed run takes
     its saved settings, and a flag that contradicts them is refused."""
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("out", "resume", "no_progress")}
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("out", "resume", "no_progress", "log")}
     if given.get("data") not in (None, DEFAULT_CORPUS):  # a resumed run finds it from any folder
         given["data"] = os.path.abspath(given["data"])
     if saved is not None:
@@ -167,9 +169,10 @@ def evaluate(model, data: LMData, s: TrainSettings) -> dict:
         return {"val_loss": evaluate_lm(model, data, s.eval_iters)}
 
 
-def train(model, data: LMData, optimizer, scaler, state: TrainState, s: TrainSettings, run: RunDir, save,
+def train(model, data: LMData, optimizer, scaler, state: TrainState, s: TrainSettings, run: RunDir, save, save_best,
           meter: Meter, world: int, log, show_progress: bool) -> None:
-    """The training loop: optimizer steps until max_steps, the time budget or stop_at_step."""
+    """The training loop: optimizer steps until max_steps, the time budget, stop_at_step or
+    --early-stopping; --keep-best saves the weights of each better evaluation."""
     device = data.device
     step_model = wrap_ddp(model, device, world)
     step_model = torch.compile(step_model) if s.compile else step_model
@@ -188,7 +191,7 @@ def train(model, data: LMData, optimizer, scaler, state: TrainState, s: TrainSet
             step_loss += part.detach()
         grad_norm = clip_gradients(model, optimizer, scaler, s.grad_clip)
         time_up = state.time_up(s, time.perf_counter() - t0)
-        loss, finite, state.out_of_time = sync_step(step_loss, grad_norm, time_up)  # the one host sync
+        loss, grad_norm, finite, state.out_of_time = sync_step(step_loss, grad_norm, time_up)  # the one host sync
         if finite or scaler.is_enabled():  # the fp16 scaler skips non-finite steps itself
             scaler.step(optimizer)
             scaler.update()
@@ -200,14 +203,29 @@ def train(model, data: LMData, optimizer, scaler, state: TrainState, s: TrainSet
         bar.update(state, loss, meter, "tok")
         evaluating = bool(s.eval_interval) and state.step % s.eval_interval == 0 and not state.done(s)
         if state.step % s.log_interval == 0 or evaluating or state.done(s):
-            row = meter.row(state, loss, lr, "tok")
+            row = meter.row(state, loss, lr, "tok", grad_norm)
             if evaluating and data.val is not None and len(data.val):
                 row.update(evaluate(model, data, s))
                 bar.write(f"step {state.step}: val loss {row['val_loss']:.4f}", log)
+                if s.keep_best and state.observe(row, s):
+                    save_best(row)
             run.log(row)
         if state.checkpoint_due(s, evaluating):
             save()
     bar.close()
+
+
+def final_evaluation(model, data: LMData, s: TrainSettings, state: TrainState, run: RunDir, keep) -> dict:
+    """The final weights' validation loss, logged and counted for --keep-best; after early
+    stopping, the loop's last one (it has just evaluated these weights)."""
+    if state.stopped_early:
+        final = {"val_loss": run.history[-1]["val_loss"]}
+    else:
+        final = evaluate(model, data, s) if data.val is not None and len(data.val) else {}
+        if s.keep_best and final and state.observe(final, s):
+            keep(final)
+    run.log({"step": state.step, **final})
+    return final
 
 
 def prepare_data(args, opts, saved, s: TrainSettings, device, rank: int, world: int):
@@ -247,6 +265,7 @@ def main(argv=None) -> int:
     opts = resolve(args, saved if args.resume else None, device)
     check_device_support(device, opts.get("use_kernels") or False, opts.get("attention_backend") or "auto")
     s = TrainSettings.from_options(opts)
+    check_keep_best(s, ("val_loss",), "val_loss", opts["val_fraction"] > 0)
     s.compile = s.compile and can_compile(device, log)
     seed_everything(s.seed)
 
@@ -265,13 +284,13 @@ def main(argv=None) -> int:
         log(f"resumed {args.out} at step {state.step}")
     elif saved is not None and rank == 0:
         log(f"note: {args.out} held an earlier run; it is kept in {keep_previous(args.out)}")
-    run = RunDir(args.out, rank == 0)
-    run.start(state.step if args.resume else None)
+    run = RunDir.open(args.out, rank == 0, state.step if args.resume else None, args.log, opts, log)
     record = {"train": {**{k: v for k, v in opts.items() if isinstance(v, (int, float, str, bool, type(None)))},
                         "dtype": s.dtype, "data_key": data_key},  # auto resolved: a resumed run keeps it
               "task": "causal_lm" if config.arch == "gpt" else "masked_lm"}
     save = functools.partial(save_training, args.out, model, optimizer, scaler, state, s, data, config=config,
                              tokenizer=tokenizer, extra=record)  # every process calls it; rank 0 writes
+    keep = functools.partial(save_best, args.out, model, state, config=config, tokenizer=tokenizer, extra=record)
     n_params = sum(p.numel() for p in model.parameters())
     # MFU: the throughput of all processes over the peak of all of them (each measures its own share)
     meter = Meter(flops_per_token(model, config.block_size), measure_matmul_peak(device, s.dtype) * world)
@@ -280,52 +299,58 @@ def main(argv=None) -> int:
         f"{world} process(es){', FSDP2' if s.fsdp else ''}, matmul peak {meter.peak_flops / 1e9:.0f} GFLOP/s"
         + (f" ({meter.peak_flops / world / 1e9:.0f} a process)" if world > 1 else ""))
     log("settings: " + ", ".join(f"{k}={v}" for k, v in sorted(record["train"].items()) if k != "data_key"))
+    log(f"optimizer: {describe_optimizer(optimizer)}")
 
     # -- training --------------------------------------------------------------------------------
     wall0 = time.perf_counter()
     try:
-        train(model, data, optimizer, scaler, state, s, run, save, meter, world, log, not args.no_progress and rank == 0)
+        train(model, data, optimizer, scaler, state, s, run, save, keep, meter, world, log,
+              not args.no_progress and rank == 0)
     except TrainingStopped as e:
         raise ValueError(str(e)) from None
     except KeyboardInterrupt:
         if state.step > 0:
             log(f"interrupted: saved {save()} at step {state.step}")
         raise
-    final = evaluate(model, data, s) if len(val_tokens) else {}
-    run.log({"step": state.step, **final})
+    final = final_evaluation(model, data, s, state, run, keep)
     path = save()
     summary = {"steps": state.step, "train_seconds": round(state.elapsed, 2),
                "wall_seconds": round(time.perf_counter() - wall0, 2), "compile_seconds": round(state.compile_seconds, 2),
                "tok_per_s": run.median("tok_per_s"), "mfu": meter.mfu(run.median("tok_per_s") or 0.0),
                "skipped_steps": state.skips, "checkpoint": path, **final, "parameters": n_params,
                "preset": opts["preset"], "device": str(device), "dtype": s.dtype, "world_size": world, "fsdp": s.fsdp,
-               "matmul_peak_flops": round(meter.peak_flops)}
-    plot = run.finish(summary)
+               "matmul_peak_flops": round(meter.peak_flops), **best_summary(s, state, args.out, run.history)}
     # Under FSDP the weights gathered whole on rank 0, on the CPU (the model need not fit one GPU); None elsewhere
     whole = whole_model(model, lambda: build_model(config))
+    text = None
+    if rank == 0 and opts["sample_tokens"] > 0:  # --log: the trackers get it too
+        text = sample(whole, tokenizer, val_tokens if len(val_tokens) else train_tokens, opts["sample_tokens"],
+                      device if whole is model else torch.device("cpu"))
+        run.text("sample", text)
+    plot = run.finish(summary)
     if rank == 0:
-        on = device if whole is model else torch.device("cpu")
-        report(summary, plot, whole, tokenizer, (train_tokens, val_tokens), opts, args.out, on, log)
+        report(summary, plot, text, config.arch, opts, args.out, log)
     finish_distributed()
     if final and final["val_loss"] != final["val_loss"]:
         raise ValueError(f"the run ended with a non-finite validation loss ({final['val_loss']}); lower --lr?")
     return 0
 
 
-def report(summary, plot, model, tokenizer, tokens, opts, out, device, log) -> None:
-    train_tokens, val_tokens = tokens
+def report(summary, plot, text, arch, opts, out, log) -> None:
     val = f", val loss {summary['val_loss']:.4f}" if "val_loss" in summary else ""
     compiled = f", {summary['compile_seconds']:.0f}s compiling, not counted" if summary["compile_seconds"] else ""
     log(f"done: {summary['steps']} steps in {summary['train_seconds']:.0f}s of training "
         f"({summary['wall_seconds']:.0f}s wall{compiled}){val}, {summary['tok_per_s'] or 0:,.0f} tok/s, "
         f"MFU {100 * (summary['mfu'] or 0):.1f}%")
-    if opts["sample_tokens"] > 0:
+    if text is not None:
         log("--- sample ---")
-        log(sample(model, tokenizer, val_tokens if len(val_tokens) else train_tokens, opts["sample_tokens"], device))
+        log(text)
         log("--------------")
     log(f"wrote {summary['checkpoint']}, {os.path.join(out, 'metrics.jsonl')}, {os.path.join(out, 'summary.json')}"
         + (f", {plot}" if plot else " (no loss.png: matplotlib is not installed)"))
-    if model.config.arch == "gpt":
+    if best_line(summary, opts.get("early_stopping")):
+        log(best_line(summary, opts.get("early_stopping")))
+    if arch == "gpt":
         log(f"sample more: python -m minillm.generate --ckpt {out} --prompt \"...\"")
 
 

@@ -31,6 +31,7 @@ from .model import build_model
 from .tokenizer import load_tokenizer
 
 CKPT = "checkpoint"
+BEST = "best"  # <out>/best: the weights of the best evaluation (--keep-best)
 
 
 def _fsync_dir(path: str) -> None:
@@ -181,6 +182,12 @@ def find_checkpoint(path: str, name: str = CKPT) -> Optional[str]:
         if os.path.exists(os.path.join(cand, "model.safetensors")):
             return cand
     return None
+
+
+def trained_checkpoint(path: str) -> Optional[str]:
+    """The checkpoint to use a trained model from: <path>/best (the best evaluation, kept by
+    --keep-best) when there is one, else the last (find_checkpoint). --resume reads the last."""
+    return find_checkpoint(path, BEST) or find_checkpoint(path)
 
 
 def read_config(ckpt: str) -> dict:

@@ -151,8 +151,10 @@ def _field(row: dict, col: str, path: str, line: int, what: str) -> str:
 
 
 def to_examples(table: Table, text_col: str, label_col: Optional[str] = None,
-                text_pair_col: Optional[str] = None) -> list[Example]:
-    """Rows -> Examples. A missing column is named with the columns the file has."""
+                text_pair_col: Optional[str] = None, label_sep: Optional[str] = None) -> list[Example]:
+    """Rows -> Examples. A missing column is named with the columns the file has. With label_sep
+    (multi-label data) a label cell holds any number of labels, `label_sep`-separated (a JSON
+    list in JSONL), none included; they are kept joined by label_sep."""
     path, rows, cols = table.path, table.rows, table.columns
     if not rows:
         raise ValueError(f"{path}: holds no examples")
@@ -166,7 +168,9 @@ def to_examples(table: Table, text_col: str, label_col: Optional[str] = None,
             raise ValueError(f"{path}:{line}: the text column '{text_col}' is empty")
         pair = _field(row, text_pair_col, path, line, "second text column") if text_pair_col else None
         label = None
-        if label_col is not None:
+        if label_col is not None and label_sep is not None:
+            label = _label_list(row, label_col, label_sep, path, line)
+        elif label_col is not None:
             label = _field(row, label_col, path, line, "label column").strip()
             if not label:
                 raise ValueError(f"{path}:{line}: the label column '{label_col}' is empty")
@@ -179,6 +183,33 @@ def _as_int(s: str) -> Optional[int]:
         return int(s)
     except ValueError:
         return None
+
+
+def _label_list(row: dict, col: str, sep: str, path: str, line: int) -> str:
+    """A multi-label cell as its labels joined by sep: "a,b" or ["a", "b"] (JSONL); "" for none."""
+    v = row.get(col)
+    if isinstance(v, list):
+        names = [str(x).strip() for x in v]
+        if any(sep in n or not n for n in names):
+            raise ValueError(f"{path}:{line}: label column '{col}' holds an empty label or one with {sep!r} in it")
+        return sep.join(names)
+    if col not in row:
+        raise ValueError(f"{path}:{line}: the row has no label column '{col}'")
+    return sep.join(n.strip() for n in _field(row, col, path, line, "label column").split(sep) if n.strip())
+
+
+def label_numbers(examples: list[Example], path: str) -> torch.Tensor:
+    """Regression targets: each example's label as a finite float32 number."""
+    out = []
+    for e in examples:
+        try:
+            v = float(e.label)
+        except (TypeError, ValueError):
+            v = float("nan")
+        if not np.isfinite(v):
+            raise ValueError(f"{path}:{e.line}: label {e.label!r} is not a finite number (--task regress)")
+        out.append(v)
+    return torch.tensor(out, dtype=torch.float32)
 
 
 class LabelMap:
@@ -201,6 +232,27 @@ class LabelMap:
         if all(_as_int(s) is not None for s in found):
             found.sort(key=int)
         return cls(found)
+
+    @classmethod
+    def from_multilabel(cls, examples: list[Example], path: str, label_col: str, sep: str) -> "LabelMap":
+        found = sorted({n for e in examples for n in e.label.split(sep) if n})
+        if len(found) < 2:
+            raise ValueError(f"{path}: the label column '{label_col}' names {len(found)} label(s); multi-label "
+                             "classification needs at least two")
+        if all(_as_int(s) is not None for s in found):
+            found.sort(key=int)
+        return cls(found)
+
+    def multi_hot(self, examples: list[Example], path: str, sep: str) -> torch.Tensor:
+        """(N, labels) float32: 1 where the example has the label."""
+        out = torch.zeros(len(examples), len(self.names))
+        for i, e in enumerate(examples):
+            for n in filter(None, e.label.split(sep)):
+                if n not in self.ids:
+                    raise ValueError(f"{path}:{e.line}: label {n!r} does not occur in the training data "
+                                     f"(labels: {', '.join(self.names)})")
+                out[i, self.ids[n]] = 1.0
+        return out
 
     def encode(self, examples: list[Example], path: str) -> list[int]:
         out = []
@@ -296,24 +348,50 @@ class LengthBatches:
 
     With bucket=True each pool of `pool * batch_size` shuffled examples is sorted by length
     and cut into batches, and the batches are shuffled: little padding, random order.
+    With `classes` (each example's class; --sampler balanced) an epoch oversamples the smaller
+    classes: every class is drawn as often as the largest one (epoch_indices).
     Checkpointable: the generator's state at the start of the epoch and the position in it.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, bucket: bool = True, pool: int = 50,
-                 min_size: int = 1):
+                 min_size: int = 1, classes: Optional[Sequence[int]] = None):
         if not len(lengths):
             raise ValueError("no examples to draw batches from")
         if len(lengths) < min_size:
             raise ValueError(f"{len(lengths)} training examples cannot be shared by {min_size} processes")
         self.lengths = np.asarray(lengths)
+        self.classes = None if classes is None else np.asarray(classes)
         self.batch_size, self.bucket, self.pool, self.min_size = batch_size, bucket, pool, min_size
         self.gen = torch.Generator().manual_seed(seed)
         self.epoch = 0
         self._start_epoch()
 
+    def epoch_size(self) -> int:
+        """Examples drawn in an epoch: all of them once, or (balanced) classes x the largest class."""
+        if self.classes is None:
+            return len(self.lengths)
+        counts = np.bincount(self.classes)
+        return int(counts.max() * (counts > 0).sum())
+
+    def epoch_indices(self) -> np.ndarray:
+        """One epoch's example indices in random order: each example once; or, balanced, each class
+        as many times as the largest has examples: a class of n examples when the largest has m
+        repeats all of them m // n times, plus m % n of them drawn without replacement."""
+        if self.classes is None:
+            return torch.randperm(len(self.lengths), generator=self.gen).numpy()
+        counts = np.bincount(self.classes)
+        most, drawn = counts.max(), []
+        for c in np.flatnonzero(counts):
+            members = np.flatnonzero(self.classes == c)
+            repeats, extra = divmod(int(most), len(members))
+            chosen = members[torch.randperm(len(members), generator=self.gen).numpy()[:extra]]
+            drawn.append(np.concatenate([np.tile(members, repeats), chosen]))
+        drawn = np.concatenate(drawn)
+        return drawn[torch.randperm(len(drawn), generator=self.gen).numpy()]
+
     def _start_epoch(self) -> None:
         self.epoch_state = self.gen.get_state()
-        perm = torch.randperm(len(self.lengths), generator=self.gen).numpy()
+        perm = self.epoch_indices()
         bs = self.batch_size
         if not self.bucket:
             self.order = [perm[i : i + bs] for i in range(0, len(perm), bs)]

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 from .device import DTYPES
 from .distributed import exit_process
-from .training import TrainSettings
+from .training import OPTIMIZERS, TrainSettings
 
 
 def parse_bool(v: str) -> bool:
@@ -79,6 +79,13 @@ TRAINING_HELP = {
     "seed": "random seed (init, data order, dropout)",
     "max_skips": "non-finite steps skipped before the run stops",
     "stop_at_step": "checkpoint and stop after this step, schedule unfinished (continue with --resume)",
+    "optimizer": "adamw; sgd (momentum, Nesterov); muon (Muon on the blocks' weight matrices, AdamW on the rest, "
+                 "one --lr for both: README, Optimizers)",
+    "momentum": "SGD's and Muon's momentum (default: 0.9 for sgd, 0.95 for muon)",
+    "keep_best": "an evaluation metric (e.g. val_loss, eval_loss, eval_accuracy, eval_f1): also keep the weights "
+                 "of its best evaluation in <out>/best, which predict, generate and export then read",
+    "early_stopping": "stop after this many evaluations without a better --keep-best metric (default metric: "
+                      "the script's main one)",
 }
 
 
@@ -99,14 +106,20 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: dict, out_defau
     g = parser.add_argument_group("training (shared by train.py and finetune.py)")
     for f in fields(TrainSettings):
         flag, default = "--" + f.name.replace("_", "-"), defaults.get(f.name, f.default)
-        shown = f"{TRAINING_HELP[f.name]} (default: {default})".replace("%", "%%")  # argparse formats help with %
+        shown = TRAINING_HELP[f.name] + (f" (default: {default})" if default is not None else "")
+        shown = shown.replace("%", "%%")  # argparse formats help with %
         if f.type in ("bool", bool):
             add_bool(g, flag, shown)
         elif f.name == "dtype":
             g.add_argument(flag, choices=["auto", "float32", "bfloat16", "float16"], help=shown)
+        elif f.name == "optimizer":
+            g.add_argument(flag, choices=OPTIMIZERS, help=shown)
+        elif f.name == "keep_best":
+            g.add_argument(flag, metavar="METRIC", help=shown)
         elif f.type in ("int", "Optional[int]", int):
             g.add_argument(flag, type=positive_int if f.name in ("batch_size", "grad_accum", "max_steps",
-                                                                 "stop_at_step", "eval_iters", "log_interval") else int,
+                                                                 "stop_at_step", "eval_iters", "log_interval",
+                                                                 "early_stopping") else int,
                            metavar="N", help=shown)
         else:
             g.add_argument(flag, type=finite_float, metavar="X", help=shown)
@@ -114,6 +127,8 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: dict, out_defau
     g.add_argument("--out", default=out_default, help=f"output folder (default: {out_default or 'out/<preset>'})")
     g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--log", metavar="TRACKERS", help="also log to tensorboard, wandb or tensorboard,wandb (<out>/tensorboard; "
+                                                      "wandb runs offline in <out>/wandb unless WANDB_MODE=online)")
 
 
 def given_training_flags(args: argparse.Namespace) -> dict:

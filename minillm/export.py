@@ -50,7 +50,7 @@ import torch.nn as nn
 from torch.export import Dim
 
 from .attention import KVCache, MultiHeadAttention
-from .checkpoint import find_checkpoint, read_config
+from .checkpoint import read_config, trained_checkpoint
 from .cli import run_main
 from .lora import merge_lora
 from .pretrained import load_finetuned
@@ -286,7 +286,7 @@ def load_for_export(path: str, base: Optional[str] = None, attention: str = EXPO
     """(model in eval mode, checkpoint config + "path") from a minillm checkpoint, with the
     attention backend an exported graph can hold, no Triton kernels, and LoRA adapters merged.
     attention: "naive" (everything exports) or "sdpa" (classifiers only; see EXPORT_BACKEND)."""
-    ckpt = find_checkpoint(path)
+    ckpt = trained_checkpoint(path)
     if ckpt is None:
         raise ValueError(f"{path}: no minillm checkpoint here (expected model.safetensors and config.json)")
     cfg = read_config(ckpt)

@@ -7,7 +7,11 @@
     cat new.tsv | python -m minillm.predict --ckpt out/sst2 --input - --format tsv
 
 Prints one tab-separated line per example: the predicted label, then the probability of
-every label (the header names them), then the text. --json prints JSON lines instead.
+every label (the header names them), then the text; for --task multilabel the labels predicted
+(comma-separated) and each label's probability; for --task regress the number. --json prints JSON lines instead. The
+label is the likeliest one, or for a model finetuned with --threshold, the second label when its
+probability reaches the saved threshold. An output folder with a best/ checkpoint (--keep-best)
+is read from there.
 """
 from __future__ import annotations
 
@@ -83,13 +87,13 @@ def main(argv=None) -> int:
 
     device = resolve_device(args.device)
     model, tokenizer, cfg = load_finetuned(args.ckpt, base=args.base)
-    if not model.config.num_labels or not cfg.get("labels"):
+    task = cfg.get("task") or "classify"
+    if not model.config.num_labels or not (cfg.get("labels") or task == "regress"):
         raise ValueError(f"{args.ckpt}: holds no classifier (for a language model use python -m minillm.generate)")
     if tokenizer is None:
         raise ValueError(f"{args.ckpt}: the checkpoint has no tokenizer file")
     device, dtype = inference_placement(device, args.device, args.dtype, bool(cfg.get("quantized")), args.ckpt)
     model.to(device)
-    labels = cfg["labels"]
     ft = cfg.get("finetune") or {}
     if args.text_pair_col is None:
         args.text_pair_col = ft.get("text_pair_col")
@@ -100,18 +104,46 @@ def main(argv=None) -> int:
                               ft.get("max_len", model.config.block_size))
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     with autocast(device, dtype):
-        probs = F.softmax(predict_logits(model, encoded, pad, args.batch_size), dim=-1)  # float32 logits
-    if not args.json:
-        print("\t".join(["label"] + [f"p({name})" for name in labels] + ["text"]))
-    for (text, pair), pr in zip(inputs, probs):
-        best = labels[int(pr.argmax())]
+        logits = predict_logits(model, encoded, pad, args.batch_size)  # float32
+    for (text, pair), answer in zip(inputs, answers(task, logits, cfg.get("labels"), ft, args.json)):
         if args.json:
-            print(json.dumps({"text": text, **({"text_pair": pair} if pair is not None else {}), "label": best,
-                              "probabilities": {n: round(float(v), 6) for n, v in zip(labels, pr)}}))
+            print(json.dumps({"text": text, **({"text_pair": pair} if pair is not None else {}), **answer}))
         else:
             shown = text if pair is None else f"{text} ||| {pair}"
-            print("\t".join([best] + [f"{float(v):.4f}" for v in pr] + [shown.replace("\t", " ")]))
+            print("\t".join([*answer, shown.replace("\t", " ")]))
     return 0
+
+
+def answers(task: str, logits, labels, ft: dict, as_json: bool):
+    """What is printed of each example before its text: a JSON dict, or the tab-separated
+    columns (after a header line, printed here). classify: the label (the likeliest, or with a
+    saved --threshold the second label when its probability reaches it) and every probability;
+    multilabel: the labels whose probability reaches the threshold, and every probability;
+    regress: the number."""
+    if task == "regress":
+        if not as_json:
+            print("value\ttext")
+        return [{"value": round(float(v), 6)} if as_json else [f"{float(v):.4f}"] for v in logits[:, 0]]
+    multi = task == "multilabel"
+    probs = logits.sigmoid() if multi else F.softmax(logits, dim=-1)
+    threshold = ft.get("threshold") if multi or len(labels) == 2 else None  # classify: a number once chosen
+    threshold = threshold if isinstance(threshold, (int, float)) else None
+    if not as_json:
+        print("\t".join(["labels" if multi else "label"] + [f"p({name})" for name in labels] + ["text"]))
+    out = []
+    for pr in probs:
+        if multi:
+            chosen = [n for n, v in zip(labels, pr) if float(v) >= threshold]
+        else:
+            chosen = labels[int(pr.argmax())] if threshold is None else labels[int(float(pr[1]) >= threshold)]
+        if as_json:
+            out.append({("labels" if multi else "label"): chosen,
+                        "probabilities": {n: round(float(v), 6) for n, v in zip(labels, pr)},
+                        **({"threshold": threshold} if threshold is not None else {})})
+        else:
+            shown = ft.get("label_sep", ",").join(chosen) if multi else chosen
+            out.append([shown] + [f"{float(v):.4f}" for v in pr])
+    return out
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import json
 import os
 from typing import Optional
 
-from .checkpoint import find_checkpoint, load_weights, read_config, read_tensors, read_tokenizer
+from .checkpoint import load_weights, read_config, read_tensors, read_tokenizer, trained_checkpoint
 from .config import ModelConfig
 from .hf_import import load_hf
 from .lora import apply_lora, merge_lora
@@ -51,7 +51,7 @@ def load_pretrained(path: str, **overrides):
         except ValueError:  # HF directories often keep their tokenizer elsewhere: the caller asks for one
             tokenizer = None
         return model, tokenizer, {"source": "hf", "path": os.path.abspath(path), "missing_heads": missing_heads}
-    ckpt = find_checkpoint(path) if os.path.isdir(path) else None
+    ckpt = trained_checkpoint(path) if os.path.isdir(path) else None
     if ckpt is None:
         raise ValueError(f"{path}: neither a minillm checkpoint (model.safetensors + config.json) nor a Hugging "
                          "Face GPT-2/BERT directory (config.json with a model_type)")
@@ -67,7 +67,7 @@ def load_pretrained(path: str, **overrides):
 def load_finetuned(path: str, base: Optional[str] = None, **overrides):
     """(model, tokenizer, config dict) from a finetune.py checkpoint: full weights, a quantised copy,
     or LoRA adapters (rebuilt on the base model recorded in the checkpoint, or `base`)."""
-    ckpt = find_checkpoint(path)
+    ckpt = trained_checkpoint(path)
     if ckpt is None:
         raise ValueError(f"{path}: no minillm checkpoint here (expected model.safetensors and config.json)")
     cfg = read_config(ckpt)

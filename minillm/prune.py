@@ -201,7 +201,7 @@ def keep_blocks(model, n: int) -> list[int]:
 
 
 def main(argv=None) -> int:
-    from .checkpoint import CKPT, find_checkpoint, read_config, save_checkpoint
+    from .checkpoint import CKPT, read_config, save_checkpoint, trained_checkpoint
     from .pretrained import load_finetuned
 
     p = argparse.ArgumentParser(description="Magnitude (unstructured) pruning of a minillm checkpoint's blocks.")
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
                    help="global: the smallest weights of all blocks together; layer: the same share in each layer")
     p.add_argument("--out", required=True, help="folder for the pruned checkpoint (<out>/checkpoint)")
     args = p.parse_args(argv)
-    ckpt = find_checkpoint(args.ckpt)
+    ckpt = trained_checkpoint(args.ckpt)
     if ckpt is None:
         raise ValueError(f"{args.ckpt}: no minillm checkpoint here (expected model.safetensors and config.json)")
     if os.path.exists(os.path.join(args.out, CKPT)):

@@ -4,7 +4,9 @@
         checkpoint/      weights, optimizer, trainer state (checkpoint.py)
         metrics.jsonl    one JSON row per logged step (train loss, lr, throughput, evals)
         summary.json     the final numbers
-        loss.png         train and validation loss against steps
+        loss.png         train and validation loss against steps (and a classifier's accuracy)
+        tensorboard/     with --log tensorboard: the same rows as TensorBoard events (tracking.py)
+        wandb/           with --log wandb: the same rows as a wandb run (tracking.py)
 
 Only rank 0 writes. A resumed run keeps the rows up to its checkpoint's step and drops the rest
 (steps trained after that checkpoint are trained again); a fresh run clears an earlier run's
@@ -17,9 +19,10 @@ import json
 import os
 import shutil
 import socket
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 from .checkpoint import find_checkpoint, read_config
+from .tracking import Tracker, open_trackers
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -125,15 +128,29 @@ def keep_previous(out: str) -> Optional[str]:
 
 
 class RunDir:
-    """metrics.jsonl, summary.json and loss.png of one run; `history` holds the rows."""
+    """metrics.jsonl, summary.json and loss.png of one run; `history` holds the rows. Every row also
+    goes to the trackers given (tracking.open_trackers; only rank 0 keeps any), which finish() closes."""
 
     FILES = ("metrics.jsonl", "summary.json", "loss.png")
 
-    def __init__(self, path: str, is_main: bool = True):
+    def __init__(self, path: str, is_main: bool = True, trackers: Sequence[Tracker] = ()):
         self.path, self.is_main = path, is_main
         self.history: list[dict] = []
+        self.trackers = list(trackers) if is_main else []
         if is_main:
             os.makedirs(path, exist_ok=True)
+
+    @classmethod
+    def open(cls, path: str, is_main: bool, resumed_step: Optional[int], log_to: Optional[str] = None,
+             config: Optional[dict] = None, log: Callable = print) -> "RunDir":
+        """The run folder of a script, started (see start), with the trackers of --log on the main
+        process, each announced with where it writes."""
+        trackers = open_trackers(log_to, path, config or {}, resumed_step) if is_main else []
+        for t in trackers:
+            log(t.where)
+        run = cls(path, is_main, trackers)
+        run.start(resumed_step)
+        return run
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -165,16 +182,25 @@ class RunDir:
         return rows
 
     def log(self, row: dict) -> None:
-        """Append one row (or, at the step of the last row, merge into it: the final evaluation)."""
+        """Append one row (or, at the step of the last row, merge into it: the final evaluation), and
+        send it to the trackers (a merged row's new values, at that step again)."""
         if self.history and self.history[-1]["step"] == row["step"]:
             self.history[-1].update(row)
             if self.is_main:
                 self._rewrite()
-            return
-        self.history.append(row)
-        if self.is_main:
-            with open(self.file("metrics.jsonl"), "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+        else:
+            self.history.append(row)
+            if self.is_main:
+                with open(self.file("metrics.jsonl"), "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+        for tracker in self.trackers:
+            tracker.log(row)
+
+    def text(self, tag: str, text: str) -> None:
+        """Send a text (the generated sample) to the trackers, at the last row's step; before finish()."""
+        step = self.history[-1]["step"] if self.history else 0
+        for tracker in self.trackers:
+            tracker.text(tag, text, step)
 
     def _rewrite(self) -> None:
         path = self.file("metrics.jsonl")
@@ -190,15 +216,41 @@ class RunDir:
         return values[len(values) // 2] if values else None
 
     def finish(self, summary: dict) -> Optional[str]:
-        """Write summary.json and loss.png; the plot's path, or None without matplotlib."""
+        """Write summary.json and loss.png and close the trackers; the plot's path, or None without
+        matplotlib."""
         if not self.is_main:
             return None
-        write_json_atomic(self.file("summary.json"), summary)
-        return plot_losses(self.history, self.file("loss.png"))
+        try:
+            write_json_atomic(self.file("summary.json"), summary)
+            return plot_losses(self.history, self.file("loss.png"))
+        finally:
+            for tracker in self.trackers:
+                tracker.close()
+            self.trackers = []  # closed: a later text() has nowhere to go
+
+
+# label: the keys it is drawn from, the first one a row has (train.py's val_loss, finetune.py's eval_loss)
+CURVES = {"train": ("train_loss",), "validation": ("val_loss", "eval_loss"), "accuracy": ("eval_accuracy",)}
+
+
+def loss_curves(history: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """What loss.png draws: {label: (steps, values)} for the CURVES the rows have."""
+    curves = {}
+    for label, keys in CURVES.items():
+        points = []
+        for row in history:
+            value = next((row[k] for k in keys if isinstance(row.get(k), (int, float))), None)
+            if value is not None:
+                points.append((row["step"], value))
+        if points:
+            steps, values = zip(*points)
+            curves[label] = (list(steps), list(values))
+    return curves
 
 
 def plot_losses(history: list[dict], path: str) -> Optional[str]:
-    """loss.png: train and validation loss against steps. None (and no file) without matplotlib."""
+    """loss.png: train and validation loss against steps, and a classifier's accuracy on a second
+    axis. None (and no file) without matplotlib."""
     try:
         import matplotlib
 
@@ -206,17 +258,21 @@ def plot_losses(history: list[dict], path: str) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    curves = loss_curves(history)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    tr = [(r["step"], r["train_loss"]) for r in history if "train_loss" in r]
-    va = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
-    if tr:
-        ax.plot(*zip(*tr), label="train", lw=1)
-    if va:
-        ax.plot(*zip(*va), label="validation", marker="o", lw=1.5)
+    lines = []
+    for label, style in (("train", {"lw": 1}), ("validation", {"marker": "o", "lw": 1.5})):
+        if label in curves:
+            lines += ax.plot(*curves[label], label=label, **style)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel("loss (nats)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if "accuracy" in curves:
+        right = ax.twinx()
+        lines += right.plot(*curves["accuracy"], label="accuracy", color="tab:green", marker="s", lw=1.5)
+        right.set_ylabel("accuracy")
+    if lines:
+        ax.legend(handles=lines)  # one legend for both axes
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,13 +1,14 @@
 """The named pieces of a training loop. train.py and finetune.py write the loop itself.
 
     settings   TrainSettings: the optimisation and cadence settings both scripts share
-    optimizer  make_optimizer (AdamW, no decay on biases and norms), lr_at (warmup + cosine)
-    state      TrainState: step, training seconds, skips; `done` and the schedule's progress
+    optimizer  make_optimizer (AdamW, SGD or Muon: minillm/optim.py), lr_at (warmup + cosine)
+    state      TrainState: step, training seconds, skips, the best evaluation so far (--keep-best,
+               --early-stopping); `done` and the schedule's progress
     a step     count_targets + token_share (the gradient of grad_accum micro-batches equals that
                of one big batch), clip_gradients, sync_step (the step's one host sync),
                skip_step (non-finite steps leave the weights alone, up to max_skips)
     saving     save_training / resume_training (weights, optimizer, RNG, data position; sharded
-               under --fsdp)
+               under --fsdp); save_best (the weights of the best evaluation, <out>/best)
     watching   Meter (throughput, MFU) and ProgressBar
 """
 from __future__ import annotations
@@ -26,10 +27,13 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
 from .device import DTYPES
+from .optim import OPTIMIZERS, build_optimizer
 from .distributed import (
     all_reduce_sum, broadcast_object, collective_any, full_weights, gather_objects, is_sharded, load_sharded, rank_world,
     save_sharded,
 )
+
+
 
 
 class TrainingStopped(RuntimeError):
@@ -63,6 +67,10 @@ class TrainSettings:
     seed: int = 1337
     max_skips: int = 10  # non-finite steps tolerated before the run stops
     stop_at_step: Optional[int] = None  # checkpoint and stop here, schedule unfinished (resume later)
+    optimizer: str = "adamw"  # adamw | sgd | muon (minillm/optim.py)
+    momentum: Optional[float] = None  # SGD's and Muon's momentum (None: 0.9 for SGD, 0.95 for Muon)
+    keep_best: Optional[str] = None  # an evaluation metric: keep the weights where it was best in <out>/best
+    early_stopping: Optional[int] = None  # stop after this many evaluations without a better keep_best metric
 
     @classmethod
     def from_options(cls, opts: dict) -> "TrainSettings":
@@ -90,6 +98,13 @@ class TrainSettings:
             (self.ckpt_interval >= 0, f"--ckpt-interval must be >= 0, got {self.ckpt_interval}"),
             (finite(self.ckpt_seconds) and self.ckpt_seconds > 0, f"--ckpt-seconds must be positive, got {self.ckpt_seconds}"),
             (self.max_skips >= 0, f"--max-skips must be >= 0, got {self.max_skips}"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
+            (self.momentum is None or (finite(self.momentum) and 0 <= self.momentum < 1),
+             f"--momentum must be in [0, 1), got {self.momentum}"),
+            (self.early_stopping is None or self.early_stopping > 0,
+             f"--early-stopping must be a positive number of evaluations, got {self.early_stopping}"),
+            (not (self.optimizer == "muon" and self.fsdp), "--optimizer muon orthogonalises whole matrices; it does "
+                                                          "not run under --fsdp (which shards them)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -101,13 +116,10 @@ class TrainSettings:
 
 
 def make_optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on biases and norms). Tied weights once."""
-    params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    # the fused implementation runs on CPU and CUDA; other devices take the foreach one
-    fused = all(p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2), eps=1e-8, fused=fused)
+    """--optimizer: AdamW (weight decay on matrices only), SGD with Nesterov momentum, or Muon on
+    the blocks' matrices with AdamW on the rest (minillm/optim.py). Tied weights once."""
+    return build_optimizer(model, s.optimizer, lr=s.lr, weight_decay=s.weight_decay, betas=(s.beta1, s.beta2),
+                           momentum=s.momentum)
 
 
 def lr_at(progress: float, step: int, s: TrainSettings) -> float:
@@ -134,6 +146,10 @@ class TrainState:
     compile_seconds: float = 0.0
     out_of_time: bool = False  # rank 0's clock has reached the time budget
     last_save: float = 0.0  # `elapsed` at the last checkpoint
+    best_value: Optional[float] = None  # the best keep_best metric so far
+    best_step: Optional[int] = None  # the step it was measured at
+    evals_since_best: int = 0  # evaluations since then, for early stopping
+    stopped_early: bool = False
 
     def progress(self, s: TrainSettings) -> float:
         """How far through the schedule: by steps, or by the time budget when that ends first."""
@@ -141,8 +157,8 @@ class TrainState:
         return max(p, self.elapsed / s.time_budget) if s.time_budget else p
 
     def done(self, s: TrainSettings) -> bool:
-        stopped_early = s.stop_at_step is not None and self.step >= s.stop_at_step
-        return stopped_early or self.out_of_time or self.step >= s.max_steps
+        stopped_at_step = s.stop_at_step is not None and self.step >= s.stop_at_step
+        return stopped_at_step or self.stopped_early or self.out_of_time or self.step >= s.max_steps
 
     def time_up(self, s: TrainSettings, running: float) -> bool:
         """This process's clock says the time budget is spent, counting the step running for
@@ -160,9 +176,67 @@ class TrainState:
         self.step += 1
         self.items_seen += items
 
+    def observe(self, metrics: dict, s: TrainSettings) -> bool:
+        """Count an evaluation for --keep-best and --early-stopping. True when the keep_best
+        metric is the best so far (strictly; NaN never is): the caller saves the best weights.
+        After early_stopping evaluations without one, the run is done."""
+        if s.keep_best not in metrics:
+            raise ValueError(f"--keep-best {s.keep_best}: the evaluation reports no such metric; it reports "
+                             + ", ".join(k for k, v in metrics.items() if isinstance(v, float)))
+        value, lower = float(metrics[s.keep_best]), lower_is_better(s.keep_best)
+        better = self.best_value is None or (value < self.best_value if lower else value > self.best_value)
+        if better and math.isfinite(value):
+            self.best_value, self.best_step, self.evals_since_best = value, self.step, 0
+            return True
+        self.evals_since_best += 1
+        self.stopped_early = bool(s.early_stopping) and self.evals_since_best >= s.early_stopping
+        return False
+
     def checkpoint_due(self, s: TrainSettings, evaluated: bool) -> bool:
         by_steps = s.ckpt_interval and self.step % s.ckpt_interval == 0
         return bool((evaluated and not s.ckpt_interval) or by_steps or self.elapsed - self.last_save >= s.ckpt_seconds)
+
+
+def check_keep_best(s: TrainSettings, metrics: Optional[tuple], default: str, has_eval: bool) -> None:
+    """--early-stopping alone watches the script's main metric (`default`); --keep-best needs an
+    evaluation set and a metric the evaluation reports (`metrics`; None: known only once it runs)."""
+    if s.early_stopping and not s.keep_best:
+        s.keep_best = default
+    if not s.keep_best:
+        return
+    flag = "--early-stopping" if s.early_stopping else "--keep-best"
+    if not has_eval:
+        raise ValueError(f"{flag} compares evaluations, and this run has no evaluation data")
+    if metrics is not None and s.keep_best not in metrics:
+        raise ValueError(f"--keep-best {s.keep_best}: this run does not report it; choose one of {', '.join(metrics)}")
+    if s.early_stopping and not s.eval_interval:
+        raise ValueError("--early-stopping counts evaluations during training; --eval-interval 0 makes none")
+
+
+def best_summary(s: TrainSettings, state: TrainState, out: str, history: list[dict]) -> dict:
+    """What summary.json says of the best evaluation (its step, and every metric measured there,
+    from the run's logged rows) and of early stopping."""
+    if not s.keep_best or state.best_step is None:
+        return {}
+    row = next((r for r in reversed(history) if r["step"] == state.best_step and s.keep_best in r), {})
+    measured = {k: v for k, v in extra_metric(row).items() if k.startswith(("eval_", "val_"))}
+    return {"best": {"step": state.best_step, "metric": s.keep_best, "value": state.best_value, "metrics": measured,
+                     "checkpoint": os.path.join(out, ckpt_io.BEST)}, "stopped_early": state.stopped_early}
+
+
+def best_line(summary: dict, patience: Optional[int]) -> Optional[str]:
+    """The report's line about the best evaluation, or None without --keep-best."""
+    b = summary.get("best")
+    if not b:
+        return None
+    stopped = f"; stopped early, {patience} evaluations without a better one" if summary.get("stopped_early") else ""
+    return (f"best {b['metric']} {b['value']:.4f} at step {b['step']}{stopped}: {b['checkpoint']} "
+            "(predict, generate and export read it; the last weights stay in checkpoint/)")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Losses, perplexities, errors and divergences fall as a model improves; the rest rise."""
+    return metric.endswith(("loss", "ppl", "mse", "kl"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,15 +268,15 @@ def clip_gradients(model: nn.Module, optimizer, scaler, max_norm: float) -> torc
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
 
 
-def sync_step(step_loss: torch.Tensor, grad_norm: torch.Tensor, time_up: bool) -> tuple[float, bool, bool]:
-    """The step's one host synchronisation. Returns the global mean loss, whether loss and
-    gradients are finite, and whether rank 0's clock says the time budget is spent: every
+def sync_step(step_loss: torch.Tensor, grad_norm: torch.Tensor, time_up: bool) -> tuple[float, float, bool, bool]:
+    """The step's one host synchronisation. Returns the global mean loss, the gradient norm,
+    whether both are finite, and whether rank 0's clock says the time budget is spent: every
     process takes rank 0's word, so all stop after the same step."""
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     dev = step_loss.device
     shared = all_reduce_sum(torch.stack([step_loss.float(), torch.tensor(float(time_up and rank0), device=dev)]))
     loss, stop, gnorm = torch.cat([shared, grad_norm.float().reshape(1).to(dev)]).tolist()
-    return loss, math.isfinite(loss) and math.isfinite(gnorm), stop > 0
+    return loss, gnorm, math.isfinite(loss) and math.isfinite(gnorm), stop > 0
 
 
 def skip_step(state: TrainState, s: TrainSettings, loss: float, out: str, log=print, scaler=None) -> None:
@@ -264,6 +338,25 @@ def save_training(out: str, model, optimizer, scaler, state: TrainState, setting
     return path
 
 
+def save_best(out: str, model, state: TrainState, metrics: dict, *, config, tokenizer, extra: dict,
+              tensors: Optional[Callable[[dict], dict]] = None) -> Optional[str]:
+    """Write the weights of the best evaluation so far to <out>/best, atomically (a checkpoint
+    without optimizer or trainer state: predict, generate and export read it). Every process
+    calls it (under FSDP the weights are gathered); rank 0 writes and gets the path."""
+    rank, _ = rank_world()
+    weights = full_weights(model) if is_sharded(model) or rank == 0 else None
+    if rank != 0:
+        return None
+    best = {"step": state.step, "metrics": extra_metric(metrics)}
+    return ckpt_io.save_checkpoint(out, model, config, tokenizer, name=ckpt_io.BEST, extra_config={**extra, "best": best},
+                                   tensors=tensors(weights) if tensors is not None else weights)
+
+
+def extra_metric(metrics: dict) -> dict:
+    """The scalar metrics of an evaluation (what config.json and summary.json keep of it)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def resume_training(ckpt: str, model, optimizer, scaler, state: TrainState, data, strict: bool = True) -> None:
     """Load weights, optimizer moments, schedule position, RNG states and data position. A
     sharded checkpoint (--fsdp) loads into any number of processes, sharded or not."""
@@ -287,6 +380,8 @@ def resume_training(ckpt: str, model, optimizer, scaler, state: TrainState, data
         state.step, state.elapsed = int(st["step"]), float(st["elapsed"])
         state.items_seen, state.skips = int(st.get("items_seen", 0)), int(st.get("skips", 0))
         state.compile_seconds, state.last_save = float(st.get("compile_seconds", 0.0)), state.elapsed
+        state.best_value, state.best_step = st.get("best_value"), st.get("best_step")
+        state.evals_since_best, state.stopped_early = int(st.get("evals_since_best", 0)), False
         rngs = st.get("process_rng") or [{"torch": st["torch_rng"], **({"cuda": st["cuda_rng"]} if st.get("cuda_rng") else {})}]
         own = rngs[rank] if len(rngs) == world else rngs[0] if rank == 0 else None
         device = next(model.parameters()).device
@@ -328,10 +423,10 @@ class Meter:
             return None
         return (self.rate() if rate is None else rate) * self.flops_per_item / self.peak_flops
 
-    def row(self, state: TrainState, loss: float, lr: float, unit: str) -> dict:
-        """A metrics.jsonl row; starts the next window."""
+    def row(self, state: TrainState, loss: float, lr: float, unit: str, grad_norm: Optional[float] = None) -> dict:
+        """A metrics.jsonl row (grad_norm: the logged step's, before clipping); starts the next window."""
         row = {"step": state.step, "train_loss": loss, "lr": lr, f"{unit}_per_s": self.rate(), "mfu": self.mfu(),
-               "elapsed": round(state.elapsed, 3)}
+               "grad_norm": grad_norm, "elapsed": round(state.elapsed, 3)}
         self.items, self.seconds = 0, 0.0
         return row
 

@@ -255,7 +255,8 @@ def test_torch_floor_has_every_api_called():
 
     floor = re.search(r'"torch>=([0-9.]+)"', open(os.path.join(ROOT, "pyproject.toml")).read()).group(1)
     needs = {"torch.amp.GradScaler": (2, 3), "fused=": (2, 4)}  # GradScaler(device); fused AdamW on the CPU
-    source = "".join(open(os.path.join(ROOT, f)).read() for f in ("train.py", "finetune.py", "minillm/training.py"))
+    source = "".join(open(os.path.join(ROOT, f)).read() for f in ("train.py", "finetune.py", "minillm/training.py",
+                                                                           "minillm/optim.py"))
     for api, version in needs.items():
         if api in source:
             assert tuple(map(int, floor.split(".")[:2])) >= version, (api, floor)
