@@ -825,7 +825,7 @@ def finetune(model, task: Task, optimizer, scaler, state: TrainState, s: TrainSe
             scaler.scale(part * world).backward()  # the processes' gradients are averaged: * world makes it a sum
             step_loss += part.detach()
         grad_norm = clip_gradients(model, optimizer, scaler, s.grad_clip)
-        time_up = state.time_up(s, time.perf_counter() - t0)
+        time_up = state.time_up(s, time.perf_counter() - t0, compiling=first and s.compile)
         loss, grad_norm, finite, state.out_of_time = sync_step(step_loss, grad_norm, time_up)  # the one host sync
         if finite or scaler.is_enabled():  # the fp16 scaler skips non-finite steps itself
             scaler.step(optimizer)
@@ -956,27 +956,26 @@ def deliver(args, model, task, tokenizer, extra, init_info, summary) -> None:
         summary["quantized"] = write_quantized(model, args.quantize, args.out, config, tokenizer, merged, task.evaluate)
 
 
+# The evaluation in the final line: the first of these whose metric the summary has.
+EVAL_LINES = (
+    ("eval_accuracy", "eval accuracy {eval_accuracy:.4f}, macro F1 {eval_f1:.4f} (precision {eval_precision:.4f}, "
+                      "recall {eval_recall:.4f})"),
+    ("eval_pearson", "eval MSE {eval_mse:.4f}, R^2 {eval_r2:.4f}, Pearson {eval_pearson:.4f}, Spearman {eval_spearman:.4f}"),
+    ("eval_micro_f1", "eval micro F1 {eval_micro_f1:.4f}, macro F1 {eval_macro_f1:.4f}, exact match {eval_subset_accuracy:.4f}"),
+    ("eval_reward_accuracy", "eval loss {eval_loss:.4f}, reward accuracy {eval_reward_accuracy:.4f}, "
+                             "margin {eval_reward_margin:.4f}"),
+    ("eval_positive", "eval: share called {reward_label} {eval_positive:.4f}, reward {eval_reward:.4f}, KL {eval_kl:.3f}, "
+                      "distinct-2 {eval_distinct2:.3f}"),
+    ("eval_loss", "eval loss {eval_loss:.4f}, perplexity {eval_ppl:.2f}"),
+)
+
+
 def report(args, summary, task, plot, model_arch) -> None:
     unit, rate = task.unit, summary.get(f"{task.unit}_per_s") or 0
     line = (f"done: {summary['steps']} steps in {summary['train_seconds']:.0f}s of training "
             f"({summary['wall_seconds']:.0f}s wall), {rate:,.1f} {unit}/s")
-    if "eval_accuracy" in summary:
-        line += (f" | eval accuracy {summary['eval_accuracy']:.4f}, macro F1 {summary['eval_f1']:.4f} "
-                 f"(precision {summary['eval_precision']:.4f}, recall {summary['eval_recall']:.4f})")
-    elif "eval_pearson" in summary:
-        line += (f" | eval MSE {summary['eval_mse']:.4f}, R^2 {summary['eval_r2']:.4f}, Pearson {summary['eval_pearson']:.4f}, "
-                 f"Spearman {summary['eval_spearman']:.4f}")
-    elif "eval_micro_f1" in summary:
-        line += (f" | eval micro F1 {summary['eval_micro_f1']:.4f}, macro F1 {summary['eval_macro_f1']:.4f}, "
-                 f"exact match {summary['eval_subset_accuracy']:.4f}")
-    elif "eval_reward_accuracy" in summary:
-        line += (f" | eval loss {summary['eval_loss']:.4f}, reward accuracy {summary['eval_reward_accuracy']:.4f}, "
-                 f"margin {summary['eval_reward_margin']:.4f}")
-    elif "eval_positive" in summary:
-        line += (f" | eval: share called {summary['reward_label']} {summary['eval_positive']:.4f}, reward "
-                 f"{summary['eval_reward']:.4f}, KL {summary['eval_kl']:.3f}, distinct-2 {summary['eval_distinct2']:.3f}")
-    elif "eval_loss" in summary:
-        line += f" | eval loss {summary['eval_loss']:.4f}, perplexity {summary['eval_ppl']:.2f}"
+    shown = next((fmt for key, fmt in EVAL_LINES if key in summary), None)
+    line += " | " + shown.format(**summary) if shown else ""
     print(line)
     if "eval_confusion" in summary:
         print(format_confusion(summary["eval_confusion"], task.labels.names))

@@ -190,7 +190,7 @@ def train(model, data: LMData, optimizer, scaler, state: TrainState, s: TrainSet
             scaler.scale(part * world).backward()  # DDP averages over processes: * world makes it a sum
             step_loss += part.detach()
         grad_norm = clip_gradients(model, optimizer, scaler, s.grad_clip)
-        time_up = state.time_up(s, time.perf_counter() - t0)
+        time_up = state.time_up(s, time.perf_counter() - t0, compiling=first and s.compile)
         loss, grad_norm, finite, state.out_of_time = sync_step(step_loss, grad_norm, time_up)  # the one host sync
         if finite or scaler.is_enabled():  # the fp16 scaler skips non-finite steps itself
             scaler.step(optimizer)

@@ -5,7 +5,7 @@ threshold, side by side at the same time budget.
     python -m benchmarks.imbalance --budget 300 --positive-share 0.05 --out out/imbalance --reuse
 
 The training set keeps every negative sentence of SST-2 and a random sample of the positive ones
-that makes them --positive-share of it (10%: 29,780 negatives, 3,308 positives); dev is unchanged
+that makes them --positive-share of it (10%: 29,780 negatives, 3,309 positives); dev is unchanged
 (428 negatives, 444 positives). Each run finetunes all-MiniLM-L6-v2 with finetune.py's defaults,
 float32, for the same budget:
 

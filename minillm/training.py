@@ -160,10 +160,10 @@ class TrainState:
         stopped_at_step = s.stop_at_step is not None and self.step >= s.stop_at_step
         return stopped_at_step or self.stopped_early or self.out_of_time or self.step >= s.max_steps
 
-    def time_up(self, s: TrainSettings, running: float) -> bool:
+    def time_up(self, s: TrainSettings, running: float, compiling: bool = False) -> bool:
         """This process's clock says the time budget is spent, counting the step running for
-        `running` seconds (sync_step shares rank 0's answer)."""
-        return bool(s.time_budget) and self.elapsed + running >= s.time_budget
+        `running` seconds unless it is compiling (see advance; sync_step shares rank 0's answer)."""
+        return bool(s.time_budget) and self.elapsed + (0.0 if compiling else running) >= s.time_budget
 
     def advance(self, seconds: float, items: int, meter: "Meter", compiling: bool = False) -> None:
         """Count a finished step. A compiled model's first step is compile time: reported, not

@@ -408,3 +408,11 @@ def test_imbalance_benchmark_end_to_end_tiny(tmp_path, bert_dir):
     threshold = result["rows"][-1]
     assert threshold["threshold"] is not None and 0 <= threshold["cross_fitted_macro_f1"] <= 1
     assert "| threshold |" in proc.stdout
+
+
+def test_a_compiling_step_does_not_spend_the_time_budget():
+    """The first step of a compiled model is compile time (not charged, see TrainState.advance):
+    it must not end a run whose budget is shorter than the compilation either."""
+    s, state = TrainSettings(time_budget=5.0), TrainState(elapsed=4.0)
+    assert not state.time_up(s, 12.0, compiling=True)
+    assert state.time_up(s, 1.5) and not state.time_up(s, 0.5)
