@@ -74,8 +74,8 @@ from minillm.model import build_model
 from minillm.optim import describe_optimizer
 from minillm.memory import check_memory
 from minillm.metrics import (
-    THRESHOLD_METRICS, best_threshold, classification_report, format_confusion, multilabel_report, per_class_table,
-    regression_report,
+    THRESHOLD_METRICS, best_threshold, classification_report, format_confusion, multilabel_report, per_class_scores,
+    per_class_table, regression_report,
 )
 from minillm.prune import importance, keep_blocks, prune_structured
 from minillm.preference import DPO_VARIANTS, dpo_loss, entropy, policy_loss, response_nll, token_logprobs
@@ -86,8 +86,8 @@ from minillm.run_dir import RunDir, existing_run, keep_previous, lock, refuse_cl
 from minillm.tokenizer import check_vocab, load_tokenizer
 from minillm.training import (
     Meter, ProgressBar, Tally, TrainingStopped, TrainSettings, TrainState, best_line, best_summary, check_keep_best,
-    clip_gradients, count_targets, lr_at, make_optimizer, resume_training, save_best, save_training, set_lr, skip_step,
-    sync_step, token_share,
+    clip_gradients, count_targets, final_evaluation, lr_at, make_optimizer, resume_training, save_best, save_training,
+    set_lr, skip_step, sync_step, token_share,
 )
 
 # -- settings -------------------------------------------------------------------------------------
@@ -342,16 +342,23 @@ def same_labels(saved, labels: Optional[LabelMap], path: str) -> None:
                          f"checkpoint's ({', '.join(map(str, saved.get('labels') or []))})")
 
 
+def encode_both(args, model, tokenizer, text_col: str, train_ex, eval_ex):
+    """(training examples encoded, evaluation examples encoded, the pad id, what the checkpoint's
+    config.json keeps of the data) for a task with a head on the sentence vector."""
+    max_len = min(args.max_len, model.config.block_size)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else model.config.pad_token_id
+    record = {"text_col": text_col, "text_pair_col": args.text_pair_col, "label_col": args.label_col, "max_len": max_len}
+    return encode_examples(tokenizer, train_ex, max_len), encode_examples(tokenizer, eval_ex, max_len), pad, record
+
+
 def classification_task(args, opts, model, tokenizer, device, saved, teacher: Optional[Teacher] = None) -> Task:
     text_col, train_ex, eval_ex = read_examples(args)
     labels = LabelMap.from_examples(train_ex, args.train, args.label_col)
     same_labels(saved, labels, args.train)
     y_train = torch.tensor(labels.encode(train_ex, args.train))
     y_eval = torch.tensor(labels.encode(eval_ex, args.eval)) if eval_ex else None
-    max_len = min(args.max_len, model.config.block_size)
-    train_enc, eval_enc = encode_examples(tokenizer, train_ex, max_len), encode_examples(tokenizer, eval_ex, max_len)
+    train_enc, eval_enc, pad, record = encode_both(args, model, tokenizer, text_col, train_ex, eval_ex)
     fresh = model.add_classifier(len(labels), args.pooling)
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else model.config.pad_token_id
     weights = class_weights(y_train.tolist(), len(labels)).to(device) if args.class_weights == "auto" else None
     if args.threshold is not None and len(labels) != 2:
         raise ValueError(f"--threshold moves the decision between two labels; {args.train} has {len(labels)}")
@@ -380,7 +387,6 @@ def classification_task(args, opts, model, tokenizer, device, saved, teacher: Op
                 + (f", decision threshold on p({labels.names[1]}): {args.threshold}" if args.threshold is not None else "")
                 + f", {'fresh' if fresh else 'kept'} classification head"
                 + (f", {model.config.classifier_pooling} pooling" if model.config.arch == "bert" else ", last token"))
-    record = {"text_col": text_col, "text_pair_col": args.text_pair_col, "label_col": args.label_col, "max_len": max_len}
     batches = PaddedBatches(train_enc, y_train, opts["batch_size"], opts["seed"], args.bucket is not False, pad, device,
                             balanced=args.sampler == "balanced")
     return Task(batches, Logits(model), loss, evaluate if eval_enc else None, "ex", batches.order.epoch_size(), describe,
@@ -408,10 +414,8 @@ def scored_task(args, opts, model, tokenizer, device, saved) -> Task:
     else:
         y_train = label_numbers(train_ex, args.train)
         y_eval = label_numbers(eval_ex, args.eval) if eval_ex else None
-    max_len = min(args.max_len, model.config.block_size)
-    train_enc, eval_enc = encode_examples(tokenizer, train_ex, max_len), encode_examples(tokenizer, eval_ex, max_len)
+    train_enc, eval_enc, pad, record = encode_both(args, model, tokenizer, text_col, train_ex, eval_ex)
     fresh = model.add_classifier(len(labels) if multi else 1, args.pooling)
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else model.config.pad_token_id
     threshold = args.threshold or 0.5
 
     def loss(forward, batch):  # the targets counted are y itself: one per example (regress) or per label
@@ -425,11 +429,9 @@ def scored_task(args, opts, model, tokenizer, device, saved) -> Task:
             return {"eval_loss": F.mse_loss(out[:, 0], y_eval).item(),
                     **{f"eval_{k}": v for k, v in regression_report(out[:, 0], y_eval).items()}}
         r = multilabel_report(out.sigmoid() >= threshold, y_eval)
-        per_class = {n: {"precision": r["per_class_precision"][i], "recall": r["per_class_recall"][i],
-                         "f1": r["per_class_f1"][i], "support": r["support"][i]} for i, n in enumerate(labels.names)}
         return {"eval_loss": F.binary_cross_entropy_with_logits(out, y_eval).item(),
                 **{f"eval_{k}": v for k, v in r.items() if not k.startswith(("per_class", "support"))},
-                "eval_per_class": per_class}
+                "eval_per_class": per_class_scores(r, labels.names)}
 
     head = "one output" if not multi else f"{len(labels)} labels ({', '.join(labels.names)}), threshold {threshold:g}"
     describe = (f"{len(train_ex):,} train / {len(eval_ex):,} eval examples, {head}, targets "
@@ -437,7 +439,6 @@ def scored_task(args, opts, model, tokenizer, device, saved) -> Task:
                    f"{float(y_train.sum(1).mean()):.2f} labels per example")
                 + f", {'fresh' if fresh else 'kept'} head"
                 + (f", {model.config.classifier_pooling} pooling" if model.config.arch == "bert" else ", last token"))
-    record = {"text_col": text_col, "text_pair_col": args.text_pair_col, "label_col": args.label_col, "max_len": max_len}
     batches = PaddedBatches(train_enc, y_train, opts["batch_size"], opts["seed"], args.bucket is not False, pad, device)
     return Task(batches, Logits(model), loss, evaluate if eval_enc else None, "ex", len(train_ex), describe, record,
                 labels, metrics=MULTILABEL_METRICS if multi else REGRESS_METRICS)
@@ -456,10 +457,8 @@ def classification_metrics(logits, y, names, threshold=None, threshold_metric="f
         out.update(eval_threshold=t, eval_argmax_accuracy=argmax["accuracy"], eval_argmax_f1=argmax["f1"])
         pred = (p >= t).long()
     r = classification_report(y, pred, len(names))
-    per_class = {str(n): {"precision": r["per_class_precision"][i], "recall": r["per_class_recall"][i],
-                          "f1": r["per_class_f1"][i], "support": r["support"][i]} for i, n in enumerate(names)}
     return {**out, "eval_accuracy": r["accuracy"], "eval_precision": r["precision"], "eval_recall": r["recall"],
-            "eval_f1": r["f1"], "eval_confusion": r["confusion"], "eval_per_class": per_class}
+            "eval_f1": r["f1"], "eval_confusion": r["confusion"], "eval_per_class": per_class_scores(r, names)}
 
 
 class Logits(nn.Module):
@@ -856,19 +855,6 @@ def train_stats(task: Task, device) -> dict:
     return {f"train_{k}": v for k, v in task.stats.pop(device).items()} if task.stats is not None else {}
 
 
-def final_evaluation(model, task: Task, s: TrainSettings, state: TrainState, run: RunDir, keep, device) -> dict:
-    """The final weights' evaluation, logged and counted for --keep-best; after early stopping,
-    the loop's last one (it has just evaluated these weights)."""
-    if state.stopped_early:
-        final = {k: v for k, v in run.history[-1].items() if k.startswith("eval_")}
-    else:
-        final = run_eval(model, task, s, device)
-        if s.keep_best and state.observe(final, s):
-            keep(final)
-    run.log({"step": state.step, **final})
-    return final
-
-
 def with_threshold(extra: dict, metrics: dict) -> dict:
     """The run's record with the decision threshold --threshold auto chose at this evaluation."""
     if "eval_threshold" not in metrics:
@@ -1099,7 +1085,7 @@ def main(argv=None) -> int:
                  not args.no_progress and rank == 0)
     except TrainingStopped as e:
         raise ValueError(str(e)) from None
-    final = final_evaluation(model, task, s, state, run, keep, device)
+    final = final_evaluation(state, s, run, lambda: run_eval(model, task, s, device), keep, "eval_")
     extra.update(with_threshold(extra, final))  # the last checkpoint's record, written next
     summary = summarise(args, model, task, s, state, run, final, save(), world, time.perf_counter() - wall0)
     # Under FSDP the weights gathered whole on rank 0, on the CPU (the model need not fit one GPU)

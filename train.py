@@ -38,8 +38,8 @@ from minillm.run_dir import RunDir, existing_run, keep_previous, lock, refuse_cl
 from minillm.tokenizer import CharTokenizer, HFTokenizer, check_vocab, load_tokenizer
 from minillm.training import (
     Meter, ProgressBar, TrainingStopped, TrainSettings, TrainState, best_line, best_summary, check_keep_best, clip_gradients,
-    count_targets, lr_at, make_optimizer, resume_training, save_best, save_training, set_lr, skip_step, sync_step,
-    token_share,
+    count_targets, final_evaluation, lr_at, make_optimizer, resume_training, save_best, save_training, set_lr, skip_step,
+    sync_step, token_share,
 )
 
 # -- settings -------------------------------------------------------------------------------------
@@ -215,19 +215,6 @@ def train(model, data: LMData, optimizer, scaler, state: TrainState, s: TrainSet
     bar.close()
 
 
-def final_evaluation(model, data: LMData, s: TrainSettings, state: TrainState, run: RunDir, keep) -> dict:
-    """The final weights' validation loss, logged and counted for --keep-best; after early
-    stopping, the loop's last one (it has just evaluated these weights)."""
-    if state.stopped_early:
-        final = {"val_loss": run.history[-1]["val_loss"]}
-    else:
-        final = evaluate(model, data, s) if data.val is not None and len(data.val) else {}
-        if s.keep_best and final and state.observe(final, s):
-            keep(final)
-    run.log({"step": state.step, **final})
-    return final
-
-
 def prepare_data(args, opts, saved, s: TrainSettings, device, rank: int, world: int):
     """The corpus tokenised (cached), the model config for its tokenizer, and the batches:
     (tokenizer, config, LMData, the corpus key a resumed run must match)."""
@@ -312,7 +299,7 @@ def main(argv=None) -> int:
         if state.step > 0:
             log(f"interrupted: saved {save()} at step {state.step}")
         raise
-    final = final_evaluation(model, data, s, state, run, keep)
+    final = final_evaluation(state, s, run, lambda: evaluate(model, data, s) if len(val_tokens) else {}, keep, "val_")
     path = save()
     summary = {"steps": state.step, "train_seconds": round(state.elapsed, 2),
                "wall_seconds": round(time.perf_counter() - wall0, 2), "compile_seconds": round(state.compile_seconds, 2),

@@ -212,6 +212,11 @@ def label_numbers(examples: list[Example], path: str) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float32)
 
 
+def in_label_order(names: list[str]) -> list[str]:
+    """Sorted label names: integers in numeric order (0, 1, 2, ..., 10), strings alphabetically."""
+    return sorted(names, key=int) if all(_as_int(n) is not None for n in names) else sorted(names)
+
+
 class LabelMap:
     """Label names <-> class ids. Integer labels keep their numeric order (0, 1, 2, ..., 10),
     string labels are sorted, so the mapping does not depend on the order of the rows."""
@@ -229,9 +234,7 @@ class LabelMap:
         if len(found) < 2:
             raise ValueError(f"{path}: the label column '{label_col}' holds a single class "
                              f"({found[0]!r}); classification needs at least two")
-        if all(_as_int(s) is not None for s in found):
-            found.sort(key=int)
-        return cls(found)
+        return cls(in_label_order(found))
 
     @classmethod
     def from_multilabel(cls, examples: list[Example], path: str, label_col: str, sep: str) -> "LabelMap":
@@ -239,9 +242,7 @@ class LabelMap:
         if len(found) < 2:
             raise ValueError(f"{path}: the label column '{label_col}' names {len(found)} label(s); multi-label "
                              "classification needs at least two")
-        if all(_as_int(s) is not None for s in found):
-            found.sort(key=int)
-        return cls(found)
+        return cls(in_label_order(found))
 
     def multi_hot(self, examples: list[Example], path: str, sep: str) -> torch.Tensor:
         """(N, labels) float32: 1 where the example has the label."""

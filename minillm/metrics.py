@@ -71,6 +71,13 @@ def format_confusion(cm, names: Optional[Sequence[str]] = None) -> str:
     return "\n".join(lines)
 
 
+def per_class_scores(report: dict, names: Sequence[str]) -> dict:
+    """{class name: {precision, recall, f1, support}} from a classification_report or a
+    multilabel_report (JSON-able: what summary.json keeps as eval_per_class)."""
+    return {str(n): {"precision": report["per_class_precision"][i], "recall": report["per_class_recall"][i],
+                     "f1": report["per_class_f1"][i], "support": report["support"][i]} for i, n in enumerate(names)}
+
+
 def per_class_table(per_class: dict) -> str:
     """{class name: {precision, recall, f1, support}} as an aligned text table."""
     width = max([len("class")] + [len(str(n)) for n in per_class])

@@ -213,6 +213,21 @@ def check_keep_best(s: TrainSettings, metrics: Optional[tuple], default: str, ha
         raise ValueError("--early-stopping counts evaluations during training; --eval-interval 0 makes none")
 
 
+def final_evaluation(state: TrainState, s: TrainSettings, run, evaluate: Callable[[], dict],
+                     keep: Callable[[dict], object], prefix: str) -> dict:
+    """The final weights' evaluation (`evaluate()`; {} without evaluation data), logged in the
+    RunDir `run` and counted for --keep-best (`keep` saves the best weights). After early stopping
+    the loop has just evaluated these weights: its last row's `prefix` metrics are taken instead."""
+    if state.stopped_early:
+        final = {k: v for k, v in run.history[-1].items() if k.startswith(prefix)}
+    else:
+        final = evaluate()
+        if s.keep_best and final and state.observe(final, s):
+            keep(final)
+    run.log({"step": state.step, **final})
+    return final
+
+
 def best_summary(s: TrainSettings, state: TrainState, out: str, history: list[dict]) -> dict:
     """What summary.json says of the best evaluation (its step, and every metric measured there,
     from the run's logged rows) and of early stopping."""
