@@ -1,13 +1,13 @@
 """Peak CPU memory of the language-model head + loss, plain vs chunked (fused linear + CE).
 
-    python -m benchmarks.ce_memory                      # GPT-2 small: 8,192 tokens, C=768, V=50257
-    python -m benchmarks.ce_memory --tokens 2048        # smaller, faster
-    python -m benchmarks.ce_memory --model              # the whole GPT-2 small step (minillm.GPT)
+    python -m minillm.benchmarks.ce_memory                      # GPT-2 small: 8,192 tokens, C=768, V=50257
+    python -m minillm.benchmarks.ce_memory --tokens 2048        # smaller, faster
+    python -m minillm.benchmarks.ce_memory --model              # the whole GPT-2 small step (minillm.GPT)
 
 One training step's final layer and loss, forward and backward, in float32: hidden
 (tokens, 768) requiring grad, the tied weight (50257, 768) requiring grad, random targets
 with a few ignored. The plain path is `F.cross_entropy(F.linear(hidden, weight).float(), t)`;
-the chunked path is `kernels.fused_linear_cross_entropy` (plain PyTorch on the CPU).
+the chunked path is `minillm.kernels.fused_linear_cross_entropy` (plain PyTorch on the CPU).
 With --model, the step is the whole model instead: `minillm.gpt.GPT` at GPT-2 small's shape
 (12 layers, 12 heads, 768 wide, 1024 positions, vocabulary 50257, SDPA attention) on
 tokens/1024 sequences of 1024, with `config.chunked_ce` off (plain) or on (chunked); there
@@ -44,7 +44,7 @@ def _child(args) -> None:
     import torch
     import torch.nn.functional as F
 
-    from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+    from minillm.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
     torch.set_num_threads(args.threads)
     if args.model:
@@ -104,7 +104,7 @@ def _child_model(args) -> None:
 
 
 def _run_variant(args, variant: str, save: str) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.ce_memory", "--child", "--variant", variant, "--save", save,
+    cmd = [sys.executable, "-m", "minillm.benchmarks.ce_memory", "--child", "--variant", variant, "--save", save,
            "--tokens", str(args.tokens), "--hidden", str(args.hidden), "--vocab", str(args.vocab),
            "--threads", str(args.threads)]
     if args.chunk_size:
@@ -113,8 +113,7 @@ def _run_variant(args, variant: str, save: str) -> dict:
         cmd += ["--model"]
     if args.activation_checkpointing:
         cmd += ["--activation-checkpointing"]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -139,7 +138,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from kernels.fused_linear_cross_entropy import default_chunk_size
+    from minillm.kernels.fused_linear_cross_entropy import default_chunk_size
 
     chunk = args.chunk_size or default_chunk_size(args.tokens, args.vocab)
     what = "GPT-2 small (minillm.GPT), whole step" if args.model else "LM head + cross-entropy"

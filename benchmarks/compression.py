@@ -1,8 +1,8 @@
 """What each compression step costs and buys, on SST-2 with the all-MiniLM-L6-v2 weights: one table.
 
-    python -m benchmarks.compression                      # about 25 min on a 2-core CPU
-    python -m benchmarks.compression --budget 60 --recovery-budget 30 --out out/compression-quick
-    python -m benchmarks.compression --reuse              # keep the trained runs of an earlier call
+    python -m minillm.benchmarks.compression                      # about 25 min on a 2-core CPU
+    python -m minillm.benchmarks.compression --budget 60 --recovery-budget 30 --out out/compression-quick
+    python -m minillm.benchmarks.compression --reuse              # keep the trained runs of an earlier call
 
 The recipe (each training run is `python finetune.py` as a user runs it, with --time-budget):
 1. teacher: the 6-layer model finetuned on SST-2 (full, lr 1e-4, warmup 30, dropout 0, [CLS]).
@@ -33,16 +33,15 @@ import time
 
 import torch
 
-from benchmarks.finetune_sst2 import DATA, minilm_dir
-from benchmarks.timing import cpu_name, run_step
 from minillm import export as ex
+from minillm.benchmarks.finetune_sst2 import DATA, minilm_dir
+from minillm.benchmarks.timing import ROOT, cpu_name, run_step
 from minillm.checkpoint import save_checkpoint
 from minillm.classification_data import collate, encode_examples, eval_order, read_table, to_examples
 from minillm.metrics import classification_report
 from minillm.pretrained import load_finetuned
 from minillm.quantize import QUANT_KINDS, quantizable_layers, quantize_backend, quantize_model, quantized_tensors
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--train", "train.tsv", "--eval", "dev.tsv", "--text-col", "sentence", "--label-col", "label",
           "--pooling", "cls", "--lr", "1e-4", "--warmup-steps", "30", "--dropout", "0", "--dtype", "float32",
           "--no-progress"]

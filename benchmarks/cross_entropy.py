@@ -1,6 +1,6 @@
 """Softmax cross-entropy over a large vocabulary: our fused Triton kernel vs F.cross_entropy.
 
-    python -m benchmarks.cross_entropy [--sizes 4096x50257,8192x50257] [--dtype bfloat16] [--compile]
+    python -m minillm.benchmarks.cross_entropy [--sizes 4096x50257,8192x50257] [--dtype bfloat16] [--compile]
 
 Sizes are tokens x vocabulary. Two measurements per size: the loss alone (under no_grad: our
 kernel reads the logits once), and forward + backward together (our kernel writes dlogits
@@ -12,8 +12,8 @@ kernel actually reads the logits twice in the latter.
 import torch
 import torch.nn.functional as F
 
-from benchmarks.op_benchmark import FUSED, OpCase, run_cli
-from kernels.cross_entropy import cross_entropy
+from minillm.benchmarks.op_benchmark import FUSED, OpCase, run_cli
+from minillm.kernels.cross_entropy import cross_entropy
 
 SIZES = {"cuda": "4096x50257,8192x50257,4096x128256", "cpu": "1024x50257"}
 

@@ -1,8 +1,8 @@
 """SST-2 finetuning of all-MiniLM-L6-v2 for a fixed time: finetune.py vs transformers, side by side.
 
-    python -m benchmarks.finetune_sst2 --threads 1              # 300 s each: reference, ours full, ours LoRA
-    python -m benchmarks.finetune_sst2 --budget 60 --runs full  # a quick look
-    python -m benchmarks.finetune_sst2 --json sst2.json
+    python -m minillm.benchmarks.finetune_sst2 --threads 1              # 300 s each: reference, ours full, ours LoRA
+    python -m minillm.benchmarks.finetune_sst2 --budget 60 --runs full  # a quick look
+    python -m minillm.benchmarks.finetune_sst2 --json sst2.json
 
 Settings shared by every run: batch 32, lr 1e-4 (LoRA 1e-3, rank 16, alpha 32, on qkv/proj/fc
 with the head trained too; measured here at 300 s, 2 threads: full 1e-4 -> 0.892 dev accuracy,
@@ -38,7 +38,8 @@ import shutil
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from minillm.benchmarks.timing import ROOT
+
 DATA = os.path.join(ROOT, "..", "shared", "data", "sst2")
 
 

@@ -1,8 +1,8 @@
 """Attention speed: naive vs PyTorch SDPA vs our Triton flash attention.
 
-    python -m benchmarks.flash_attention                               # the full sweep
-    python -m benchmarks.flash_attention --seq-lens 1024 4096 --head-dims 128 --causal true
-    python -m benchmarks.flash_attention --json attn.json --plot attn.png
+    python -m minillm.benchmarks.flash_attention                               # the full sweep
+    python -m minillm.benchmarks.flash_attention --seq-lens 1024 4096 --head-dims 128 --causal true
+    python -m minillm.benchmarks.flash_attention --json attn.json --plot attn.png
 
 For each backend, sequence length, head dim and causal flag it times the forward pass and the
 forward + backward pass (median and 20%/80% quantiles over --reps runs; on CUDA between CUDA
@@ -21,7 +21,7 @@ Backends: `naive` = minillm's step-by-step attention (matmul, softmax, matmul, t
 matrix in memory); `sdpa` = torch.nn.functional.scaled_dot_product_attention with PyTorch's own
 dispatch (FlashAttention-2 for bf16 on recent GPUs); `sdpa-flash`, `sdpa-cudnn` = the same
 call held to one of PyTorch's backends (`torch.nn.attention.sdpa_kernel`; a backend that is
-absent or refuses the inputs gets a status, not a figure); `triton` = kernels.flash_attention.
+absent or refuses the inputs gets a status, not a figure); `triton` = minillm.kernels.flash_attention.
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from benchmarks.op_benchmark import triton_timeable
-from benchmarks.timing import Stats, device_name, time_ms
+from minillm.benchmarks.op_benchmark import triton_timeable
+from minillm.benchmarks.timing import Stats, device_name, time_ms
 
 BACKENDS = ("naive", "sdpa", "sdpa-flash", "sdpa-cudnn", "triton")
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION"}
@@ -67,7 +67,7 @@ def attention_fn(backend: str):
     if backend in SDPA_BACKENDS:
         return sdpa_held_to(SDPA_BACKENDS[backend])
     if backend == "triton":
-        from kernels.flash_attention import flash_attention
+        from minillm.kernels.flash_attention import flash_attention
 
         return lambda q, k, v, causal: flash_attention(q, k, v, causal=causal)
     raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -203,7 +203,7 @@ def plot(rows, path: str, title: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.flash_attention",
+    parser = argparse.ArgumentParser(prog="python -m minillm.benchmarks.flash_attention",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq-lens", type=int, nargs="+",
                         help="sequence lengths (default 128..16384 on CUDA, 128..2048 on CPU)")
@@ -236,13 +236,13 @@ def main(argv=None) -> int:
     backends = list(args.backends)
     notes = []
     if "triton" in backends:
-        import kernels
+        from minillm.kernels import launch
 
-        if not on_gpu or not kernels.HAS_TRITON:
+        if not on_gpu or not launch.HAS_TRITON:
             backends.remove("triton")
             notes.append("triton: not run. The Triton rows need a CUDA GPU (and Triton); this "
                          "machine has none, so no Triton figures are reported.")
-        elif kernels.INTERPRET:
+        elif launch.INTERPRET:
             backends.remove("triton")
             notes.append("triton: not run under TRITON_INTERPRET=1 (interpreter timings mean nothing).")
 

@@ -1,22 +1,22 @@
 """LM head + loss: the chunked fused linear + cross-entropy vs the plain path, in TFLOP/s.
 
-    python -m benchmarks.fused_linear_cross_entropy [--sizes 8192x768x50257] [--dtype bfloat16]
+    python -m minillm.benchmarks.fused_linear_cross_entropy [--sizes 8192x768x50257] [--dtype bfloat16]
 
 Sizes are NxCxV (tokens x hidden x vocabulary). The plain path is
 `F.cross_entropy(F.linear(hidden, weight).float(), targets)`; the chunked path is
-`kernels.fused_linear_cross_entropy` (on CUDA its per-chunk softmax is our Triton kernel; on
+`minillm.kernels.fused_linear_cross_entropy` (on CUDA its per-chunk softmax is our Triton kernel; on
 the CPU it is plain PyTorch too, so both CPU rows are PyTorch). The op is compute-bound, so
 TFLOP/s is the figure to read: it counts the three matmuls, 6 * N * C * V for forward +
 backward (the chunked path does them all in its forward) and 2 * N * C * V for the loss alone.
 GB/s counts what an implementation that never writes the logits must move: hidden and weight
 read and the int64 targets (loss), plus dhidden and dweight written (forward + backward).
 On CUDA the peak memory of forward + backward is also shown; for the CPU memory comparison
-run `python -m benchmarks.ce_memory`.
+run `python -m minillm.benchmarks.ce_memory`.
 """
 import torch
 
-from benchmarks.op_benchmark import FUSED, OpCase, run_cli
-from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+from minillm.benchmarks.op_benchmark import FUSED, OpCase, run_cli
+from minillm.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 
 SIZES = {"cuda": "8192x768x50257,8192x4096x128256", "cpu": "1024x768x50257"}
 

@@ -1,6 +1,6 @@
 """GELU (tanh), forward and backward: our Triton kernels vs F.gelu(approximate="tanh"), in GB/s.
 
-    python -m benchmarks.gelu [--sizes 8192x3072,8192x16384] [--dtype bfloat16] [--compile]
+    python -m minillm.benchmarks.gelu [--sizes 8192x3072,8192x16384] [--dtype bfloat16] [--compile]
 
 GB/s counts the bytes moved: forward reads x and writes y (2 elements per element of x),
 backward reads x and dy and writes dx (3).
@@ -8,8 +8,8 @@ backward reads x and dy and writes dx (3).
 import torch
 import torch.nn.functional as F
 
-from benchmarks.op_benchmark import OpCase, run_cli
-from kernels.gelu import gelu_tanh
+from minillm.benchmarks.op_benchmark import OpCase, run_cli
+from minillm.kernels.gelu import gelu_tanh
 
 SIZES = {"cuda": "8192x3072,8192x16384", "cpu": "2048x3072"}
 

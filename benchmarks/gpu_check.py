@@ -1,8 +1,8 @@
 """One command that proves minillm on a GPU: kernel tests, attention, kernels, training.
 
-    python -m benchmarks.gpu_check                 # about 10 minutes on one H100 (not yet measured)
-    python -m benchmarks.gpu_check --quick         # a shorter sweep and 20 s training runs
-    python -m benchmarks.gpu_check --out DIR --skip-tests --skip-train
+    python -m minillm.benchmarks.gpu_check                 # about 10 minutes on one H100 (not yet measured)
+    python -m minillm.benchmarks.gpu_check --quick         # a shorter sweep and 20 s training runs
+    python -m minillm.benchmarks.gpu_check --out DIR --skip-tests --skip-train
 
 It runs, in order, and writes DIR/gpu_check.json after each section (so an interrupted run
 keeps what it measured), then DIR/gpu_check.png (needs matplotlib, the `[plot]` extra):
@@ -46,11 +46,10 @@ import traceback
 
 import torch
 
-from benchmarks import flash_attention as attention_bench
-from benchmarks.op_benchmark import implementations, measure
-from benchmarks.timing import device_name, format_table, gb_per_s, jsonable, time_ms
+from minillm.benchmarks import flash_attention as attention_bench
+from minillm.benchmarks.op_benchmark import implementations, measure
+from minillm.benchmarks.timing import ROOT, device_name, format_table, gb_per_s, jsonable, time_ms
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_GPU_LINE = ("no CUDA GPU here: running the plumbing on the CPU with tiny shapes and a tiny budget "
                "(PyTorch paths only; no figure below is a GPU figure)")
 
@@ -199,7 +198,7 @@ def run_kernels(device: torch.device, gpu: bool, quick: bool, peak_gbps: float) 
     reps, warmup = (10 if quick else 30, 3) if gpu else (3, 1)
     rows = []
     for op, (gpu_size, cpu_size) in KERNEL_SIZES.items():
-        module = importlib.import_module(f"benchmarks.{op}")
+        module = importlib.import_module(f"minillm.benchmarks.{op}")
         size = gpu_size if gpu else cpu_size
         case = module.case(size, device, dtype)
         for impl, fn in implementations(case, device, compiled=gpu or op == CPU_COMPILED_OP):
@@ -331,7 +330,7 @@ def plot(report: dict, path: str) -> str | None:
 # -- the command ----------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m minillm.benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join("out", "gpu_check"), help="folder for the JSON, PNG and logs")
     p.add_argument("--quick", action="store_true", help="fewer sequence lengths and repetitions, 20 s training runs")
     p.add_argument("--skip-tests", action="store_true", help="do not run the kernel tests")

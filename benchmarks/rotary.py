@@ -1,7 +1,7 @@
 """Rotary embedding of q and k, forward and backward: our one-launch Triton kernel vs the
 "rotate half" formulation in PyTorch (as in Hugging Face Llama), in GB/s.
 
-    python -m benchmarks.rotary [--sizes 8x32x2048x128] [--kv-heads 8] [--dtype bfloat16] [--compile]
+    python -m minillm.benchmarks.rotary [--sizes 8x32x2048x128] [--kv-heads 8] [--dtype bfloat16] [--compile]
 
 Sizes are BxHxTxD for q; k has --kv-heads heads (default: as many as q). GB/s counts the
 bytes moved: q and k read and written once each, both ways (the cos/sin tables, T x D/2
@@ -9,8 +9,8 @@ each, are negligible and not counted).
 """
 import torch
 
-from benchmarks.op_benchmark import OpCase, run_cli
-from kernels.rotary import apply_rotary
+from minillm.benchmarks.op_benchmark import OpCase, run_cli
+from minillm.kernels.rotary import apply_rotary
 
 SIZES = {"cuda": "8x12x1024x64,8x32x2048x128", "cpu": "4x12x512x64"}
 

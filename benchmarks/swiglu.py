@@ -1,6 +1,6 @@
 """SwiGLU, forward and backward: our Triton kernels vs F.silu(gate) * up, in GB/s.
 
-    python -m benchmarks.swiglu [--sizes 8192x11008] [--dtype bfloat16] [--compile]
+    python -m minillm.benchmarks.swiglu [--sizes 8192x11008] [--dtype bfloat16] [--compile]
 
 Sizes are tokens x intermediate width. GB/s counts the bytes a fused implementation moves:
 forward reads gate and up and writes y (3 elements per output element), backward reads dy,
@@ -9,8 +9,8 @@ gate and up and writes both gradients (5).
 import torch
 import torch.nn.functional as F
 
-from benchmarks.op_benchmark import OpCase, run_cli
-from kernels.swiglu import swiglu
+from minillm.benchmarks.op_benchmark import OpCase, run_cli
+from minillm.kernels.swiglu import swiglu
 
 SIZES = {"cuda": "8192x2816,8192x11008", "cpu": "2048x2816"}
 

@@ -158,7 +158,10 @@ def resolve(args) -> tuple[torch.device, torch.dtype, int]:
     return device, dtype, reps
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The repository's root: this file's folder resolved through the minillm/benchmarks link, then
+# one up. The whole-run benchmarks run its scripts (train.py, finetune.py) and read the data
+# beside it (../shared/data), so they need a checkout, not only the installed package.
+ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 
 
 def run_step(name: str, cmd: list[str], out: str, reuse: bool) -> str:

@@ -2,14 +2,14 @@
 same model, measured side by side in one process (rounds alternate; the median and the 20%/80%
 quantiles of the rounds' tokens/s are reported).
 
-    python -m benchmarks.train_throughput --data ../shared/data/tinyshakespeare/input.txt
+    python -m minillm.benchmarks.train_throughput --data ../shared/data/tinyshakespeare/input.txt
 
 The default shape is the issue's: 4 layers, 4 heads, width 128, context 64, batch 12,
 character-level. "eager-fp32" is the honest stand-in for a plain PyTorch GPT (no compile,
 float32, our modules); the other rows are train.py's settings. On CUDA (`--device cuda`) each
 round is timed by the wall clock between two synchronisations: a round is many steps, so the
 clock's resolution and the launch queue do not matter. For a whole train.py run on a GPU use
-`python -m benchmarks.gpu_check`.
+`python -m minillm.benchmarks.gpu_check`.
 """
 from __future__ import annotations
 
@@ -20,13 +20,12 @@ import time
 import torch
 
 from minillm import GPT
+from minillm.benchmarks.timing import device_name, summarize
 from minillm.config import preset
 from minillm.data import Batches, read_corpus, tokenize_corpus
 from minillm.device import flops_per_token, measure_matmul_peak
 from minillm.tokenizer import CharTokenizer
 from minillm.training import TrainSettings, make_optimizer
-
-from benchmarks.timing import device_name, summarize
 
 
 def make_step(model, opt, compile_: bool, dtype: str, device: torch.device):

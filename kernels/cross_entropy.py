@@ -31,14 +31,14 @@ cross-entropy in float32).
 
 Not autotuned: the kernel streams each row twice, and an 8192-wide block at 16 warps keeps
 enough loads in flight without spilling (compile report); a GPU run could still time 4096/8
-against it (`python -m benchmarks.cross_entropy`) before adding `triton.autotune`.
+against it (`python -m minillm.benchmarks.cross_entropy`) before adding `triton.autotune`.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from kernels import CompileSpec, device_guard, refuse_double_backward, tl, triton, triton_usable
+from minillm.kernels.launch import CompileSpec, device_guard, refuse_double_backward, tl, triton, triton_usable
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -223,7 +223,7 @@ def _backward(dlogits, grad_output, reduction, logits_dtype):
     return (dlogits * grad_output.to(dlogits.dtype)).to(logits_dtype)
 
 
-# A torch.library custom op (see kernels/__init__.py): one opaque node for torch.compile. It
+# A torch.library custom op (see kernels/launch.py): one opaque node for torch.compile. It
 # returns the loss and the already-scaled dlogits (an empty tensor when no gradient is wanted);
 # the backward only multiplies the latter by grad_output.
 @torch.library.custom_op("minillm::cross_entropy", mutates_args=(),

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import INTERPRET, CompileSpec, device_guard, tl, triton, triton_usable
+from minillm.kernels.launch import INTERPRET, CompileSpec, device_guard, tl, triton, triton_usable
 
 __all__ = ["flash_attention", "attention_reference", "compile_specs"]
 
@@ -490,7 +490,7 @@ def _attn_bwd_dq(
 # ----------------------------------------------------------------------------------------------
 # Launch configurations
 # ----------------------------------------------------------------------------------------------
-# Chosen per (head dim, arch) with `python -m kernels.report` so that every default compiles
+# Chosen per (head dim, arch) with `python -m minillm.kernels.report` so that every default compiles
 # without register spills, within the shared memory of the smallest GPU of that family
 # (sm_86/89: 101,376 bytes for the sm_80 configs), and with tensor-core MMAs (HMMA on sm_80,
 # HGMMA/wgmma on sm_90; the 16-row decode tile is below wgmma's 64 rows and uses HMMA on both).

@@ -38,8 +38,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import CompileSpec, refuse_double_backward
-from kernels.cross_entropy import _check_targets, loss_and_dlogits
+from minillm.kernels.launch import CompileSpec, refuse_double_backward
+from minillm.kernels.cross_entropy import _check_targets, loss_and_dlogits
 
 # A chunk's logits (and, for bf16/fp16 inputs, their float32 copy) stay around this size.
 CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
@@ -114,7 +114,7 @@ def _forward(hidden, weight, targets, bias, ignore_index, label_smoothing, reduc
     return loss, grad_hidden, grad_weight, grad_bias, per_token / scale
 
 
-# A torch.library custom op (see kernels/__init__.py): torch.compile sees the whole chunked loop
+# A torch.library custom op (see kernels/launch.py): torch.compile sees the whole chunked loop
 # as one node. It returns the loss, the float32 gradients (empty where not wanted) and the factor
 # the backward scales them by; the backward multiplies and casts to the inputs' dtypes.
 @torch.library.custom_op("minillm::fused_linear_cross_entropy", mutates_args=(),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import CompileSpec, device_guard, refuse_double_backward, tl, triton, triton_usable
+from minillm.kernels.launch import CompileSpec, device_guard, refuse_double_backward, tl, triton, triton_usable
 
 BLOCK_SIZE = 1024
 NUM_WARPS = 4

@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import (MAX_FUSED_SIZE, CompileSpec, as_rows, contiguous, device_guard, refuse_double_backward,
-                     none_as_empty, row_grads, row_grads_like, row_launch_config, save_row_norm_inputs, tl, triton,
-                     triton_usable)
+from minillm.kernels.launch import (MAX_FUSED_SIZE, CompileSpec, as_rows, contiguous, device_guard,
+                                    none_as_empty, refuse_double_backward, row_grads, row_grads_like,
+                                    row_launch_config, save_row_norm_inputs, tl, triton, triton_usable)
 
 
 @triton.jit
@@ -124,7 +124,7 @@ def _backward(dy, x, weight, mean, rstd, bias_dtype):
     return dx.view(x.shape), dw, db
 
 
-# torch.library custom ops (see kernels/__init__.py): one opaque node each for torch.compile.
+# torch.library custom ops (see kernels/launch.py): one opaque node each for torch.compile.
 @torch.library.custom_op("minillm::layer_norm", mutates_args=(),
                          schema="(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)")
 def _layer_norm_op(x, weight, bias, eps):

@@ -1,11 +1,11 @@
 """Compile report: every Triton kernel at its default launch configuration, built for sm_80
 (A100) and sm_90 (H100) without a GPU, and what the machine code says about it.
 
-    python -m kernels.report                 # table on stdout
-    python -m kernels.report --json r.json   # rows as JSON too
-    python -m kernels.report --arch 90 --only flash_attention
+    python -m minillm.kernels.report                 # table on stdout
+    python -m minillm.kernels.report --json r.json   # rows as JSON too
+    python -m minillm.kernels.report --arch 90 --only flash_attention
 
-Each module of the `kernels` package that defines `compile_specs()` is compiled with
+Each module of kernels/ (imported as `minillm.kernels`) that defines `compile_specs()` is compiled with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`; the cubin is then read
 with the `cuobjdump` and `nvdisasm` that ship inside the Triton wheel:
 
@@ -40,10 +40,13 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-import kernels
-from kernels import CompileSpec
+from minillm.kernels import launch
+from minillm.kernels.launch import CompileSpec
 
+# This folder: the repository's kernels/, imported as minillm.kernels.
+HERE = Path(__file__).parent
 TARGETS = (80, 90)
 # Largest shared memory one block may use (opt-in), per target, in bytes.
 SHARED_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
@@ -83,12 +86,12 @@ class ReportRow:
 
 
 def kernel_modules() -> list[str]:
-    """Names of the modules in the `kernels` package that define `compile_specs`."""
+    """Names of the modules in `minillm.kernels` (this folder) that define `compile_specs`."""
     names = []
-    for info in pkgutil.iter_modules(kernels.__path__):
+    for info in pkgutil.iter_modules([str(HERE)]):
         if info.name == "report" or info.ispkg:
             continue
-        module = importlib.import_module(f"kernels.{info.name}")
+        module = importlib.import_module(f"minillm.kernels.{info.name}")
         if callable(getattr(module, "compile_specs", None)):
             names.append(module.__name__)
     return sorted(names)
@@ -215,12 +218,11 @@ def _report_in_subprocess(archs, only) -> list[ReportRow]:
     env = dict(os.environ, TRITON_INTERPRET="0")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "report.json")
-        cmd = [sys.executable, "-m", "kernels.report", "--quiet", "--json", path,
+        cmd = [sys.executable, "-m", "minillm.kernels.report", "--quiet", "--json", path,
                "--arch", *map(str, archs)]
         if only:
             cmd += ["--only", *only]
-        root = os.path.dirname(os.path.dirname(os.path.abspath(kernels.__file__)))
-        subprocess.run(cmd, env=env, cwd=root, check=True)
+        subprocess.run(cmd, env=env, check=True)
         with open(path) as f:
             return [ReportRow(**r) for r in json.load(f)]
 
@@ -236,9 +238,9 @@ def build_report(archs=TARGETS, only=None, jobs: int | None = None) -> list[Repo
     key = (archs, only)
     if key in _CACHE:
         return _CACHE[key]
-    if not kernels.HAS_TRITON:
+    if not launch.HAS_TRITON:
         raise RuntimeError("the compile report needs Triton installed (Linux)")
-    if kernels.INTERPRET:
+    if launch.INTERPRET:
         rows = _report_in_subprocess(archs, only)
     else:
         jobs_list = [(module_name, i, arch)
@@ -287,7 +289,7 @@ def format_table(rows: list[ReportRow]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m minillm.kernels.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(TARGETS), choices=TARGETS,
                         help="targets to compile for (default: 80 90)")
     parser.add_argument("--only", nargs="+", metavar="MODULE",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import CompileSpec, device_guard, tl, triton, triton_usable
+from minillm.kernels.launch import CompileSpec, device_guard, tl, triton, triton_usable
 
 
 @triton.jit
@@ -96,7 +96,7 @@ def _rotate(q, k, cos, sin, backward: bool):
     return q_out, k_out
 
 
-# A torch.library custom op (see kernels/__init__.py): one opaque node for torch.compile. The
+# A torch.library custom op (see kernels/launch.py): one opaque node for torch.compile. The
 # backward is the same op rotating the other way, so it is differentiable again (a rotation is
 # linear): double backward works.
 @torch.library.custom_op("minillm::rotary", mutates_args=(),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import CompileSpec, as_rows, device_guard, refuse_double_backward, tl, triton, triton_usable
+from minillm.kernels.launch import CompileSpec, as_rows, device_guard, refuse_double_backward, tl, triton, triton_usable
 
 BLOCK_SIZE = 1024
 NUM_WARPS = 4
@@ -74,7 +74,7 @@ def _backward(dy, gate, up):
     return dg.view(gate.shape), du.view(up.shape)
 
 
-# torch.library custom ops (see kernels/__init__.py): one opaque node each for torch.compile.
+# torch.library custom ops (see kernels/launch.py): one opaque node each for torch.compile.
 @torch.library.custom_op("minillm::swiglu", mutates_args=(), schema="(Tensor gate, Tensor up) -> Tensor")
 def _swiglu_op(gate, up):
     with device_guard(gate):

@@ -212,7 +212,7 @@ def right_padded_lengths(key_padding_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _triton_backend(q, k, v, attn_mask, key_padding_mask, is_causal, scale, dropout_p, kv_lens=None):
-    from kernels.flash_attention import flash_attention
+    from minillm.kernels.flash_attention import flash_attention
 
     if attn_mask is not None:
         raise ValueError("the triton attention backend does not take arbitrary masks (e.g. ALiBi); use 'sdpa'")

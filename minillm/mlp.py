@@ -26,13 +26,13 @@ class MLP(nn.Module):
         if self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             if use_triton(self.use_kernels, h):
-                from kernels.swiglu import swiglu
+                from minillm.kernels.swiglu import swiglu
 
                 return swiglu(gate, up)
             return F.silu(gate) * up
         if self.activation == "gelu_tanh":
             if use_triton(self.use_kernels, h):
-                from kernels.gelu import gelu_tanh
+                from minillm.kernels.gelu import gelu_tanh
 
                 return gelu_tanh(h)
             return F.gelu(h, approximate="tanh")

@@ -19,7 +19,7 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_triton(self.use_kernels, x):
-            from kernels.layer_norm import layer_norm
+            from minillm.kernels.layer_norm import layer_norm
 
             return layer_norm(x, self.weight, self.bias, self.eps)
         xf = x.float()
@@ -43,7 +43,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_triton(self.use_kernels, x):
-            from kernels.rms_norm import rms_norm
+            from minillm.kernels.rms_norm import rms_norm
 
             return rms_norm(x, self.weight, self.eps, bias=self.bias)
         xf = x.float()

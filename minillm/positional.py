@@ -70,7 +70,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 def apply_rotary(q, k, cos, sin, use_kernels: bool = True):
     """Rotate queries and keys; on GPU through the fused Triton kernel when available."""
     if use_triton(use_kernels, q, k):
-        from kernels.rotary import apply_rotary as rotary_kernel
+        from minillm.kernels.rotary import apply_rotary as rotary_kernel
 
         return rotary_kernel(q, k, cos, sin)
     return rotate(q, cos, sin), rotate(k, cos, sin)

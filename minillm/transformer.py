@@ -89,14 +89,14 @@ def lm_loss(hidden, weight, targets, config: ModelConfig, bias=None, ignore_inde
     cross-entropy computes the loss and its gradient in one pass, with no softmax tensor."""
     count = (targets != ignore_index).sum().clamp(min=1)
     if config.chunked_ce:
-        from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+        from minillm.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
         total = fused_linear_cross_entropy(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
                                            reduction="sum")
         return None, total / count
     logits = F.linear(hidden, weight, bias)
     if use_triton(config.use_kernels, logits):
-        from kernels.cross_entropy import cross_entropy
+        from minillm.kernels.cross_entropy import cross_entropy
 
         return logits, cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum") / count
     return logits, F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum") / count

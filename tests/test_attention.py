@@ -343,7 +343,7 @@ def test_kernel_device_needs_compute_capability_8(monkeypatch, capability, expec
 def _flash_kernels():
     """Every @triton.jit kernel of kernels/flash_attention.py (a device function is never
     launched, so counting them all counts the launches of whichever forward kernel runs)."""
-    import kernels.flash_attention as fa
+    import minillm.kernels.flash_attention as fa
 
     return [f for f in vars(fa).values() if hasattr(f, "pre_run_hooks")]
 

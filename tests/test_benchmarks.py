@@ -1,5 +1,5 @@
 """The benchmarks' arithmetic and plumbing: the timer's statistics on a fake clock, the FLOP and
-byte formulas written out, the datasheet lookup, and `python -m benchmarks.gpu_check` on a CPU."""
+byte formulas written out, the datasheet lookup, and `python -m minillm.benchmarks.gpu_check` on a CPU."""
 import json
 import os
 import subprocess
@@ -9,11 +9,12 @@ import types
 import pytest
 import torch
 
-from benchmarks import cross_entropy, fused_linear_cross_entropy, gelu, gpu_check, layer_norm, rms_norm, rotary, swiglu
-from benchmarks import flash_attention as attention_bench
-from benchmarks import timing
-from benchmarks.op_benchmark import measure
-from benchmarks.timing import Stats, format_table, gb_per_s, jsonable, quantile, summarize, tflop_per_s
+from minillm.benchmarks import (cross_entropy, fused_linear_cross_entropy, gelu, gpu_check, layer_norm, rms_norm,
+                                rotary, swiglu)
+from minillm.benchmarks import flash_attention as attention_bench
+from minillm.benchmarks import timing
+from minillm.benchmarks.op_benchmark import measure
+from minillm.benchmarks.timing import Stats, format_table, gb_per_s, jsonable, quantile, summarize, tflop_per_s
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,8 +111,9 @@ def test_pytest_counts_and_kernel_test_files():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU this is the full check, minutes long")
 def test_gpu_check_runs_its_plumbing_on_the_cpu(tmp_path):
     out = tmp_path / "check"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(out), "--quick"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run([sys.executable, "-m", "minillm.benchmarks.gpu_check", "--out", str(out), "--quick"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.splitlines()[0].startswith("no CUDA GPU here:")
     report = json.loads((out / "gpu_check.json").read_text())

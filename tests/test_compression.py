@@ -325,7 +325,7 @@ def test_resume_of_a_pruned_student_keeps_its_shape(tmp_path, data, bert_dir):  
 
 @pytest.mark.slow
 def test_compression_benchmark_end_to_end_tiny(tmp_path, data, bert_dir):  # noqa: F811
-    """benchmarks.compression on a tiny BERT and tiny SST-2-shaped files: every row is there and
+    """minillm.benchmarks.compression on a tiny BERT and tiny SST-2-shaped files: every row is there and
     the figures hold together (the structured and student rows are smaller, int8 shrinks the
     linear weights 4x less its scales, the exported programs reproduce the eager logits)."""
     d = tmp_path / "sst2"
@@ -333,7 +333,7 @@ def test_compression_benchmark_end_to_end_tiny(tmp_path, data, bert_dir):  # noq
     shutil.copy(data["train"], d / "train.tsv")
     shutil.copy(data["eval"], d / "dev.tsv")
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.compression", "--init", bert_dir, "--data", str(d),
+    proc = subprocess.run([sys.executable, "-m", "minillm.benchmarks.compression", "--init", bert_dir, "--data", str(d),
                            "--out", str(out), "--budget", "2", "--recovery-budget", "1", "--student-layers", "1",
                            "--prune-heads", "0.5", "--prune-mlp", "0.5", "--repeats", "2", "--threads", "1"],
                           capture_output=True, text=True, cwd=ROOT)

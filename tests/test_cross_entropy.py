@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-import kernels.cross_entropy as ce
-from kernels.cross_entropy import cross_entropy, cross_entropy_reference, loss_and_dlogits
+import minillm.kernels.cross_entropy as ce
+from minillm.kernels.cross_entropy import cross_entropy, cross_entropy_reference, loss_and_dlogits
 from kernel_check import DEVICE, DTYPES, assert_fa2, launches, outputs_and_grads
 
 GRAD_TOL = {torch.float32: (1e-6, 1e-5), torch.float16: (1e-4, 1e-3), torch.bfloat16: (1e-3, 8e-3)}

@@ -13,17 +13,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-import kernels.cross_entropy as ce
-import kernels.fused_linear_cross_entropy as flce
-import kernels.gelu as gelu_mod
-import kernels.layer_norm as ln
-import kernels.rms_norm as rn
-import kernels.rotary as rotary
-import kernels.swiglu as swiglu_mod
+from minillm.kernels import launch
+import minillm.kernels.cross_entropy as ce
+import minillm.kernels.fused_linear_cross_entropy as flce
+import minillm.kernels.gelu as gelu_mod
+import minillm.kernels.layer_norm as ln
+import minillm.kernels.rms_norm as rn
+import minillm.kernels.rotary as rotary
+import minillm.kernels.swiglu as swiglu_mod
 from kernel_check import DEVICE, check_op, launches
 
-pytestmark = pytest.mark.skipif(not (kernels.HAS_TRITON and (kernels.INTERPRET or torch.cuda.is_available())),
+pytestmark = pytest.mark.skipif(not (launch.HAS_TRITON and (launch.INTERPRET or torch.cuda.is_available())),
                                 reason="needs Triton, and a GPU or TRITON_INTERPRET=1")
 
 
@@ -180,9 +180,9 @@ def test_launch_guard_selects_the_tensors_device():
         is_cuda = True
         device = torch.device("cuda", 1)
 
-    guard = kernels.device_guard(OnGpu1())
+    guard = launch.device_guard(OnGpu1())
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
-    with kernels.device_guard(torch.zeros(1)):
+    with launch.device_guard(torch.zeros(1)):
         pass
     for module in (gelu_mod, swiglu_mod, ln, rn, rotary, ce):  # every launcher runs inside one
         assert "with device_guard(" in inspect.getsource(module), module.__name__

@@ -90,7 +90,7 @@ def inputs(batch: int, seq: int, seed: int, mask: bool = False) -> list[torch.Te
 
 
 # The child: loads what the exporter wrote with torch alone, runs it on the given inputs, and
-# proves that minillm (and the repo's kernels) never came in.
+# proves that minillm (its kernels included: minillm.kernels) never came in.
 CHILD = r"""
 import json, sys
 import torch
@@ -104,7 +104,7 @@ with torch.no_grad():
     ys = {str(i): program(*[xs[f"{i}.{j}"] for j in range(n)]) for i in range(len(xs) // n)}
 save_file(ys, out)
 print(json.dumps(json.loads(extra["minillm.json"])["inputs"]))
-assert "minillm" not in sys.modules and "kernels" not in sys.modules, sorted(sys.modules)
+assert not any(m.split(".")[0] == "minillm" for m in sys.modules), sorted(sys.modules)
 """
 
 

@@ -426,7 +426,8 @@ def expect_value_error(args, words):
 
 
 @pytest.mark.parametrize("command", [["finetune.py"], ["train.py"], ["-m", "minillm.predict"], ["-m", "minillm.generate"],
-                                     ["-m", "minillm.export"], ["-m", "minillm.prune"], ["-m", "benchmarks.compression"]])
+                                     ["-m", "minillm.export"], ["-m", "minillm.prune"],
+                                     ["-m", "minillm.benchmarks.compression"]])
 def test_help_of_every_command(command):
     """--help prints (finetune.py's once crashed: a default of '6% of the steps' in an argparse help string)."""
     proc = subprocess.run([sys.executable, *command, "--help"], capture_output=True, text=True, cwd=ROOT)

@@ -25,9 +25,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import kernels
-import kernels.flash_attention as fa
-from kernels.flash_attention import attention_reference, flash_attention
+from minillm.kernels import launch
+import minillm.kernels.flash_attention as fa
+from minillm.kernels.flash_attention import attention_reference, flash_attention
 from kernel_check import DEVICE, assert_fa2, launches, outputs_and_grads
 
 EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 1e-4}
@@ -242,7 +242,7 @@ def test_cpu_fallback(monkeypatch):
 
 def test_triton_usable_on_cpu_only_under_interpreter():
     t = torch.zeros(1)
-    assert kernels.triton_usable(t) == (kernels.HAS_TRITON and kernels.INTERPRET)
+    assert launch.triton_usable(t) == (launch.HAS_TRITON and launch.INTERPRET)
 
 
 def _t(*shape, dtype=torch.float16):

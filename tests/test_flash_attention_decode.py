@@ -15,8 +15,8 @@ import math
 import pytest
 import torch
 
-import kernels.flash_attention as fa
-from kernels.flash_attention import flash_attention
+import minillm.kernels.flash_attention as fa
+from minillm.kernels.flash_attention import flash_attention
 from kernel_check import DEVICE, assert_fa2, outputs_and_grads
 
 EPS = {torch.float32: 1e-4, torch.float16: 2.0 ** -10}

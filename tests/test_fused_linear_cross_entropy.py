@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-import kernels.cross_entropy as ce
-import kernels.fused_linear_cross_entropy as flce
-from kernels.cross_entropy import loss_and_dlogits
-from kernels.fused_linear_cross_entropy import (
+import minillm.kernels.cross_entropy as ce
+import minillm.kernels.fused_linear_cross_entropy as flce
+from minillm.kernels.cross_entropy import loss_and_dlogits
+from minillm.kernels.fused_linear_cross_entropy import (
     default_chunk_size,
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-import kernels.gelu as gelu_mod
-from kernels.gelu import gelu_tanh, gelu_tanh_reference
+import minillm.kernels.gelu as gelu_mod
+from minillm.kernels.gelu import gelu_tanh, gelu_tanh_reference
 from kernel_check import DTYPES, check_op
 
 KERNELS = (gelu_mod._gelu_fwd_kernel, gelu_mod._gelu_bwd_kernel)

@@ -1,6 +1,6 @@
 """Each kernel test notices a silent fallback to the PyTorch reference.
 
-MINILLM_FORCE_FALLBACK=1 makes `kernels.triton_usable` answer no, as on a machine where Triton
+MINILLM_FORCE_FALLBACK=1 makes `launch.triton_usable` answer no, as on a machine where Triton
 cannot run (or a dispatch condition gone wrong): every public op then quietly returns its
 reference, which matches torch. One fast test of each kernel test file is run so in a
 subprocess; each must fail, and fail because the launch count says the kernel did not run,
@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-import kernels
+from minillm.kernels import launch
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -33,7 +33,7 @@ NODES = [
 NOT_RUN = ("did not run", "kernels launched")
 
 
-@pytest.mark.skipif(not kernels.HAS_TRITON, reason="Triton is not installed")
+@pytest.mark.skipif(not launch.HAS_TRITON, reason="Triton is not installed")
 def test_every_kernel_test_fails_when_the_op_falls_back(tmp_path):
     report = tmp_path / "report.xml"
     env = dict(os.environ, MINILLM_FORCE_FALLBACK="1")

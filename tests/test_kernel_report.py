@@ -1,4 +1,4 @@
-"""The compile report (`python -m kernels.report`): every kernel of the `kernels` package,
+"""The compile report (`python -m minillm.kernels.report`): every kernel in kernels/ (`minillm.kernels`),
 compiled for sm_80 and sm_90 at its default launch configuration without a GPU, must have no
 register spills, fit the target's per-block shared memory, and, where its source calls
 `tl.dot`, use tensor-core instructions (HMMA on sm_80, HGMMA/wgmma on sm_90).
@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from kernels import report  # noqa: E402
+from minillm.kernels import report  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_flash_attention_kernels_all_covered(rows):
 
 
 def test_uses_dot_follows_jit_helpers():
-    from kernels import flash_attention as fa
+    from minillm.kernels import flash_attention as fa
 
     # _attn_fwd calls tl.dot only through its @triton.jit helper _fwd_tile.
     assert "tl.dot(" not in inspect.getsource(report._python_fn(fa._attn_fwd))
@@ -85,7 +85,8 @@ def test_grids_put_large_counts_on_axis_0():
     its large count on axis 0; checked at 70,000 rows and at a million."""
     import torch
 
-    from kernels import GRID_LIMITS, cross_entropy, gelu, num_partials, rotary, swiglu
+    from minillm.kernels import cross_entropy, gelu, rotary, swiglu
+    from minillm.kernels.launch import GRID_LIMITS, num_partials
 
     for rows in (70_000, 1_000_000):
         grids = {
@@ -105,7 +106,7 @@ def test_row_offsets_are_64_bit():
     """row * stride passes 2**31 at long contexts (e.g. 8,192 rows of a 50257 vocabulary, or
     T * 3C of a fused QKV): every kernel that offsets by a program id times a stride takes the
     program id (or the row it derives) as int64 before multiplying."""
-    from kernels import cross_entropy, gelu, layer_norm, rms_norm, rotary, swiglu
+    from minillm.kernels import cross_entropy, gelu, layer_norm, rms_norm, rotary, swiglu
 
     for kernel in (gelu._gelu_fwd_kernel, gelu._gelu_bwd_kernel, swiglu._swiglu_fwd_kernel,
                    swiglu._swiglu_bwd_kernel, layer_norm._layer_norm_fwd_kernel, layer_norm._layer_norm_bwd_kernel,
@@ -118,7 +119,7 @@ def test_row_offsets_are_64_bit():
 def test_fused_norm_width_is_capped_below_spilling(rows):
     """The norms spill at 16,384 columns (sm_90: 192 bytes rms_norm, 440 layer_norm backward),
     so the widest fused row is 8,192 and the report compiles the norms there without spills."""
-    from kernels import MAX_FUSED_SIZE
+    from minillm.kernels.launch import MAX_FUSED_SIZE
 
     assert MAX_FUSED_SIZE == 8192
     for module in ("layer_norm", "rms_norm"):

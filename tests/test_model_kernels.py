@@ -9,24 +9,24 @@ import importlib
 import pytest
 import torch
 
-import kernels
 from minillm import GPT, preset
 from minillm import kernel_dispatch
 from minillm.kernel_dispatch import use_triton
+from minillm.kernels import launch
 from minillm.norms import RMSNorm
 
-pytestmark = pytest.mark.skipif(not kernels.HAS_TRITON, reason="Triton is not installed")
+pytestmark = pytest.mark.skipif(not launch.HAS_TRITON, reason="Triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_kernels = pytest.mark.skipif(not (kernels.INTERPRET or torch.cuda.is_available()),
+needs_kernels = pytest.mark.skipif(not (launch.INTERPRET or torch.cuda.is_available()),
                                    reason="needs a GPU or TRITON_INTERPRET=1")
 
 
 def count_calls(monkeypatch, names):
-    """Wrap kernels.<module>.<function> for each "module.function", counting calls."""
+    """Wrap minillm.kernels.<module>.<function> for each "module.function", counting calls."""
     calls = dict.fromkeys(names, 0)
     for name in names:
         module, fn = name.split(".")
-        mod = importlib.import_module(f"kernels.{module}")
+        mod = importlib.import_module(f"minillm.kernels.{module}")
         real = getattr(mod, fn)
 
         def counted(*a, _real=real, _name=name, **k):
@@ -77,21 +77,21 @@ def test_use_triton_rule(monkeypatch):
     assert use_triton(True, x)  # the kernels do run here
     assert not use_triton(False, x)
     if not torch.cuda.is_available():  # without the interpreter a CPU tensor stays on PyTorch
-        monkeypatch.setattr(kernels, "INTERPRET", False)
+        monkeypatch.setattr(launch, "INTERPRET", False)
         assert not use_triton(True, x)
-    monkeypatch.setattr(kernel_dispatch, "kernels", None)  # the kernels package is not installed
+    monkeypatch.setattr(launch, "HAS_TRITON", False)  # Triton is not installed
     assert not use_triton(True, x)
     assert not kernel_dispatch.triton_available()
 
 
 @needs_kernels
 def test_a_missing_kernel_function_raises_instead_of_falling_back(monkeypatch):
-    import kernels.rms_norm
+    import minillm.kernels.rms_norm as rms_norm_module
 
     norm = RMSNorm(4, use_kernels=True).to(DEVICE)
     x = torch.randn(2, 4, device=DEVICE)
     norm(x)
-    monkeypatch.delattr(kernels.rms_norm, "rms_norm")
+    monkeypatch.delattr(rms_norm_module, "rms_norm")
     with pytest.raises(ImportError, match="rms_norm"):
         norm(x)
 
@@ -121,7 +121,7 @@ def _flash_launches():
     """Counts the launches of every @triton.jit kernel in kernels/flash_attention.py (device
     functions are never launched, so whichever forward kernel runs is counted)."""
     from kernel_check import launches
-    import kernels.flash_attention as fa
+    import minillm.kernels.flash_attention as fa
 
     return launches(*[f for f in vars(fa).values() if hasattr(f, "pre_run_hooks")])
 

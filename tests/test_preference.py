@@ -873,9 +873,9 @@ def test_dpo_nll_adds_the_chosen_responses_nll_per_token(tmp_path, pref_data):
 
 
 def test_preference_demo_runs_its_loop_on_tiny_data(tmp_path, pref_data):
-    """benchmarks.preference_demo end to end at tiny budgets: writer, pairs, two online DPO rounds
+    """minillm.benchmarks.preference_demo end to end at tiny budgets: writer, pairs, two online DPO rounds
     (the second with the writer as --reference), RL, and the table of every model."""
-    from benchmarks import preference_demo
+    from minillm.benchmarks import preference_demo
 
     data = tmp_path / "sst2"
     data.mkdir()

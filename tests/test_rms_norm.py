@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-import kernels.rms_norm as rn
-from kernels.rms_norm import rms_norm, rms_norm_reference
+import minillm.kernels.rms_norm as rn
+from minillm.kernels.rms_norm import rms_norm, rms_norm_reference
 from kernel_check import DTYPES, check_op
 
 KERNELS = (rn._rms_norm_fwd_kernel, rn._rms_norm_bwd_kernel)
@@ -111,7 +111,7 @@ def test_integer_input_error(x, w, match):
 
 def test_rows_wider_than_the_fused_limit_use_the_reference():
     """Past MAX_FUSED_SIZE columns the one-row-per-program kernels would spill: the reference runs."""
-    from kernels import MAX_FUSED_SIZE
+    from minillm.kernels.launch import MAX_FUSED_SIZE
 
     from kernel_check import DEVICE, launches
 

@@ -13,8 +13,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import kernels.rotary as rotary
-from kernels.rotary import apply_rotary, apply_rotary_reference
+import minillm.kernels.rotary as rotary
+from minillm.kernels.rotary import apply_rotary, apply_rotary_reference
 from kernel_check import DTYPES, TOL, check_op, on_device
 
 ROTARY_TOL = {**TOL, torch.float32: (1e-6, 1e-6)}  # float32: tighter than the shared table

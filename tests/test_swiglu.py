@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-import kernels.swiglu as swiglu_mod
-from kernels.swiglu import swiglu, swiglu_reference
+import minillm.kernels.swiglu as swiglu_mod
+from minillm.kernels.swiglu import swiglu, swiglu_reference
 from kernel_check import DTYPES, TOL, check_op
 
 SWIGLU_TOL = {**TOL, torch.float32: (1e-5, 1e-6)}  # float32: a tighter rtol than the shared table

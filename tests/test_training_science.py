@@ -386,7 +386,7 @@ def test_scored_tasks_refuse_bad_input(tmp_path, bert_dir):
 
 
 def test_imbalance_benchmark_end_to_end_tiny(tmp_path, bert_dir):
-    """benchmarks.imbalance on a tiny BERT and SST-2-shaped files: the training set it writes has
+    """minillm.benchmarks.imbalance on a tiny BERT and SST-2-shaped files: the training set it writes has
     the asked share of positives and every negative, each method's row is there, and its scores
     are those of the saved model (the summary's macro-F1 at its own decision rule)."""
     d = tmp_path / "sst2"
@@ -395,7 +395,7 @@ def test_imbalance_benchmark_end_to_end_tiny(tmp_path, bert_dir):
     write_tsv(d / "train.tsv", rows)
     write_tsv(d / "dev.tsv", sentences(24, 1, labels=("1", "0")))
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.imbalance", "--init", bert_dir, "--data", str(d),
+    proc = subprocess.run([sys.executable, "-m", "minillm.benchmarks.imbalance", "--init", bert_dir, "--data", str(d),
                            "--out", str(out), "--budget", "2", "--positive-share", "0.2"],
                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -1,11 +1,16 @@
-"""Triton kernels for minillm.
+"""What every Triton op in this folder shares: whether Triton runs here, and how ops launch.
 
-Every module in this package imports on any machine: where Triton is missing
+This folder is imported as `minillm.kernels` (minillm/kernels is a link to it), never as a
+top-level `kernels`: that name belongs to Hugging Face's package, which `transformers` imports.
+It has no `__init__.py`, so from the repository's root a bare `import kernels` still finds
+Hugging Face's package rather than this folder.
+
+Every module in this folder imports on any machine: where Triton is missing
 (macOS, Windows, a CPU-only container) the `@triton.jit` functions are defined
 but never launched, and each op's plain-PyTorch reference is used instead.
 
 Kernels are checked without a GPU in two ways (see README): numerically under
-``TRITON_INTERPRET=1`` and by compiling them for sm_80/sm_90 (``python -m kernels.report``).
+``TRITON_INTERPRET=1`` and by compiling them for sm_80/sm_90 (``python -m minillm.kernels.report``).
 Each kernel module exposes ``compile_specs()``, a list of :class:`CompileSpec`
 describing its kernels at their default launch configuration, which the report compiles.
 
