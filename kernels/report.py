@@ -5,7 +5,7 @@
     python -m minillm.kernels.report --json r.json   # rows as JSON too
     python -m minillm.kernels.report --arch 90 --only flash_attention
 
-Each module of kernels/ (imported as `minillm.kernels`) that defines `compile_specs()` is compiled with
+Each module of kernels/ (`minillm.kernels`) that defines `compile_specs()` is compiled with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`; the cubin is then read
 with the `cuobjdump` and `nvdisasm` that ship inside the Triton wheel:
 
@@ -40,13 +40,11 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
+import minillm.kernels
 from minillm.kernels import launch
 from minillm.kernels.launch import CompileSpec
 
-# This folder: the repository's kernels/, imported as minillm.kernels.
-HERE = Path(__file__).parent
 TARGETS = (80, 90)
 # Largest shared memory one block may use (opt-in), per target, in bytes.
 SHARED_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
@@ -88,7 +86,7 @@ class ReportRow:
 def kernel_modules() -> list[str]:
     """Names of the modules in `minillm.kernels` (this folder) that define `compile_specs`."""
     names = []
-    for info in pkgutil.iter_modules([str(HERE)]):
+    for info in pkgutil.iter_modules(minillm.kernels.__path__):
         if info.name == "report" or info.ispkg:
             continue
         module = importlib.import_module(f"minillm.kernels.{info.name}")
